@@ -15,6 +15,7 @@ __all__ = ['SUBCOMMANDS', 'usage', 'main']
 SUBCOMMANDS = {
     # name: (module with a `main(argv) -> int`, one-line help)
     "env": ("cifarlab.env", "report versions, the accelerator and a checked matrix product"),
+    "data": ("cifarlab.data", "acquire, verify and prepare CIFAR-10"),
 }
 
 def usage():
