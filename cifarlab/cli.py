@@ -13,10 +13,21 @@ __all__ = ['SUBCOMMANDS', 'usage', 'main']
 
 # %% ../nbs/07_cli.ipynb #c005
 SUBCOMMANDS = {
-    # name: (module with a `main(argv) -> int`, one-line help)
-    "env": ("cifarlab.env", "report versions, the accelerator and a checked matrix product"),
-    "data": ("cifarlab.data", "acquire, verify and prepare CIFAR-10"),
+    # name: ("module:function" taking argv and returning the exit status, one-line help)
+    "env": ("cifarlab.env:main", "report versions, the accelerator and a checked matrix product"),
+    "data": ("cifarlab.data:main", "acquire, verify and prepare CIFAR-10"),
+    "fit": ("cifarlab.experiments:fit", "train a model (Lightning CLI: -c configs/NAME.yaml, --trainer.*, --model.*, --data.*)"),
+    "validate": ("cifarlab.experiments:validate", "evaluate a checkpoint on the validation split"),
+    "test": ("cifarlab.experiments:test", "evaluate a checkpoint on the test split (Lightning CLI)"),
+    "evaluate": ("cifarlab.experiments:evaluate_main", "test a checkpoint and log metrics and plots with DVCLive"),
+    "export": ("cifarlab.export:export_main", "export a checkpoint to ONNX"),
+    "verify": ("cifarlab.export:verify_main", "check an ONNX model against PyTorch on the real test set"),
+    "serve": ("cifarlab.serve:main", "serve an ONNX model over HTTP, with a page for people"),
 }
+
+def _entry(name):
+    module, func = SUBCOMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), func)
 
 def usage():
     "The text `cifarlab --help` prints."
@@ -35,5 +46,4 @@ def main(argv=None):
     if name not in SUBCOMMANDS:
         print(f"cifarlab: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return module.main(rest)
+    return _entry(name)(rest)

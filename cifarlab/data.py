@@ -271,11 +271,11 @@ def random_flip(x, generator=None):
 class TensorBatches:
     "Batches of (normalised float images, int64 labels) sliced from uint8 `images` and `labels` tensors."
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, drop_last=False, augment="none",
-                 crop_padding=4, pad_mode="reflect", seed=0, rank=0, world_size=1, epoch_fn=None, channels_last=False):
+                 crop_padding=4, pad_mode="reflect", seed=0, rank=0, world_size=1, epoch_fn=None):
         self.images, self.labels, self.batch_size = images, labels.long(), batch_size
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.crop_padding, self.pad_mode, self.seed = crop_padding, pad_mode, seed
-        self.rank, self.world_size, self.epoch_fn, self.channels_last = rank, world_size, epoch_fn, channels_last
+        self.rank, self.world_size, self.epoch_fn = rank, world_size, epoch_fn
         # normalise as x*scale + shift on the 0-255 scale: one fused multiply-add per pixel
         std = torch.as_tensor(std, dtype=torch.float32, device=images.device)
         mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device)
@@ -301,8 +301,7 @@ class TensorBatches:
         # crop and flip move whole pixels, so they run on the uint8 batch (a quarter of float32's memory traffic)
         if "crop" in self.augment: x = random_crop(x, self.crop_padding, generator, self.pad_mode)
         if "flip" in self.augment: x = random_flip(x, generator)
-        x = torch.addcmul(self.shift, x.float(), self.scale)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return torch.addcmul(self.shift, x.float(), self.scale)
 
     def __iter__(self):
         epoch = self.epoch_fn() if self.epoch_fn is not None else self._epoch
@@ -319,7 +318,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     def __init__(self, data_dir: str = "data/cifar10", batch_size: int = 512, val_size: int = 5000, seed: int = 42,
                  augment: str = "crop+flip", crop_padding: int = 4, pad_mode: str = "reflect",
                  normalize: str = "dataset", subset: int | None = None, eval_batch_size: int | None = None,
-                 channels_last: bool = False, archive: str | None = None):
+                 archive: str | None = None):
         super().__init__()
         if augment not in ("none", "flip", "crop", "crop+flip"):
             raise ValueError(f"augment must be 'none', 'flip', 'crop' or 'crop+flip', not {augment!r}")
@@ -359,8 +358,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                              crop_padding=hp.crop_padding, pad_mode=hp.pad_mode, seed=hp.seed,
                              rank=trainer.global_rank if train and trainer else 0,
                              world_size=trainer.world_size if train and trainer else 1,
-                             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
-                             channels_last=hp.channels_last)
+                             epoch_fn=(lambda: trainer.current_epoch) if trainer else None)
 
     def train_dataloader(self): return self._batches("train", train=True)
     def val_dataloader(self): return self._batches("val") if len(self.splits["val"][1]) else []

@@ -109,3 +109,18 @@ def test_s3_unreachable_endpoint(repo):
     assert res.returncode != 0
     assert "Could not connect to the endpoint URL" in res.stderr, res.stderr
     assert time.monotonic() - t0 < 90
+
+
+def test_pipeline_experiment_with_set_params(repo):
+    "`dvc exp run -S` runs train and evaluate with the seed's exp1 settings (on a subset, to stay quick)."
+    res = dvc(repo, "exp", "run", "-S", "train.config=configs/exp1.yaml", "-S", "train.lr=0.001", "-S", "train.batch_size=64",
+              "-S", "train.epochs=1", "-S", "train.subset=640", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "test accuracy:" in res.stdout
+    metrics = dvc(repo, "metrics", "show", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    assert '"test_acc"' in metrics.stdout and '"val_acc"' in metrics.stdout
+    plots = dvc(repo, "plots", "show", "--json")
+    assert plots.returncode == 0 and "confusion" in plots.stdout, plots.stderr[-2000:]
+    shown = dvc(repo, "exp", "show", "--no-pager", "--csv")
+    assert shown.returncode == 0 and "train.lr" in shown.stdout

@@ -1,0 +1,78 @@
+"""Training from the shell: Lightning CLI semantics on the real data, a run killed with SIGKILL that resumes and
+finishes, and DDP on two CPU processes where each rank trains on its own shard."""
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, ROOT, env_with_venv, run
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(archive, tmp_path_factory):
+    "The real data, prepared once for this module."
+    out = tmp_path_factory.mktemp("data") / "cifar10"
+    res = run([BIN / "cifarlab", "data", "--archive", archive, "--data-dir", out, "--quiet"])
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def fit(*args, timeout=600):
+    return run([BIN / "cifarlab", "fit", *args, *QUIET], timeout=timeout)
+
+
+def test_fast_dev_run(data_dir, tmp_path):
+    res = fit("-c", "configs/exp1.yaml", "--trainer.fast_dev_run=true", f"--data.data_dir={data_dir}",
+              f"--trainer.default_root_dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fast_dev_run" in res.stderr + res.stdout
+
+
+def test_bad_override_is_a_clear_error(data_dir, tmp_path):
+    res = fit("-c", "configs/exp1.yaml", "--model.optimizer=rmsprop", f"--data.data_dir={data_dir}",
+              f"--trainer.default_root_dir={tmp_path}")
+    assert res.returncode != 0 and "optimizer must be 'adam' or 'sgd'" in res.stderr
+
+
+def last_checkpoint(root):
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path):
+    args = ["-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3200", "--trainer.max_epochs=4",
+            f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    proc = subprocess.Popen([BIN / "cifarlab", "fit", *args], cwd=ROOT, env=env_with_venv(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # the first epoch's checkpoint appears; the second epoch is then under way: kill it there
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL); proc.wait(30)
+    finally:
+        if proc.poll() is None: proc.kill()
+    killed_at = last_checkpoint(tmp_path)["epoch"]
+    assert killed_at < 3, "killed after the last epoch: nothing to resume"
+
+    res = fit(*args, "--ckpt_path=last")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in res.stderr + res.stdout
+    done = last_checkpoint(tmp_path)
+    steps_per_epoch = 3200 // 64
+    assert done["epoch"] == 3 and done["global_step"] == 4 * steps_per_epoch
+
+
+def test_ddp_two_cpu_processes(data_dir, tmp_path):
+    res = fit("-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=1280", "--trainer.max_epochs=1",
+              "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+              f"--trainer.default_root_dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # each of the 2 ranks trains on its own half: 640 images = 10 steps of 64, not 20
+    assert last_checkpoint(tmp_path)["global_step"] == 1280 // 2 // 64
