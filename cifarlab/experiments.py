@@ -20,8 +20,8 @@ from .data import CIFAR10DataModule
 from .model import Classifier
 
 # %% auto #0
-__all__ = ['RunCheckpoint', 'CifarCLI', 'fit', 'validate', 'test', 'run_recipe', 'load_curves', 'test_predictions',
-           'confusion_matrix', 'evaluate', 'evaluate_main', 'write_results']
+__all__ = ['RunCheckpoint', 'CifarCLI', 'fit', 'validate', 'test', 'PipelineLogger', 'run_recipe', 'load_curves',
+           'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_main', 'write_results']
 
 # %% ../nbs/04_experiments.ipynb #c006
 class RunCheckpoint(ModelCheckpoint):
@@ -64,6 +64,18 @@ def validate(argv=None):
 def test(argv=None):
     "Entry point of `cifarlab test`."
     return _run_cli("test", argv)
+
+# %% ../nbs/04_experiments.ipynb #c902
+from dvclive.lightning import DVCLiveLogger
+
+class PipelineLogger(DVCLiveLogger):
+    "DVCLive's Lightning logger for a pipeline stage: logs into `dir` and leaves `dvc.yaml` alone."
+    def __init__(self, dir: str = "dvclive/train"):
+        super().__init__(dir=dir, dvcyaml=False)
+        self._dir = dir
+
+    @property
+    def save_dir(self): return self._dir  # Lightning saves the run's resolved config.yaml here
 
 # %% ../nbs/04_experiments.ipynb #c010
 def _sync():
