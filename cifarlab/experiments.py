@@ -48,9 +48,18 @@ class CifarCLI(LightningCLI):
                          trainer_defaults={"default_root_dir": "runs/default", "callbacks": [RunCheckpoint()]},
                          save_config_kwargs={"overwrite": True}, **kwargs)
 
+from contextlib import contextmanager
+
+@contextmanager
+def _args_only():
+    "Hide the process's own command line from LightningCLI: the run is defined by the `args` it is given."
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try: yield
+    finally: sys.argv = argv
+
 def _run_cli(subcommand, argv):
     argv = list(sys.argv[2:] if argv is None else argv)
-    CifarCLI(args=[subcommand, *argv])
+    with _args_only(): CifarCLI(args=[subcommand, *argv])
     return 0
 
 def fit(argv=None):
@@ -84,9 +93,7 @@ def _sync():
 def run_recipe(config, *overrides, name=None, test=True):
     "Fit `config` with command-line style `overrides`, test it, and return a record of the run."
     t0 = time.perf_counter()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the run is defined by `config` and `overrides` alone
-    try: cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
-    finally: sys.argv = argv
+    with _args_only(): cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     _sync(); t_fit = time.perf_counter()
     trainer.fit(model, datamodule=dm)

@@ -47,3 +47,51 @@ def copy_of_repo(dst):
     assert run(["git", "init", "-q"], cwd=dst).returncode == 0
     commit_all(dst, "copy")
     return dst
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    "The prepared CIFAR-10 in data/cifar10, prepared from $CIFARLAB_ARCHIVE first when it is missing."
+    d = ROOT / "data" / "cifar10"
+    if not (d / "meta.json").is_file():
+        if not os.environ.get("CIFARLAB_ARCHIVE"):
+            pytest.skip("no prepared data/cifar10: set CIFARLAB_ARCHIVE (or run `cifarlab data`) to run the model tests")
+        res = run([BIN / "cifarlab", "data", "--quiet", "--data-dir", d])
+        assert res.returncode == 0, res.stderr
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, data_dir):
+    "A SimpleCnn (configs/exp1.yaml) trained here for one epoch on 3000 images: about 30 s on two CPU cores."
+    root = tmp_path_factory.mktemp("tiny-run")
+    res = run([BIN / "cifarlab", "fit", "-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000",
+               "--trainer.max_epochs=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false"], timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory, tiny_ckpt, data_dir):
+    "`cifarlab export` of `tiny_ckpt` (test accuracy on the full test set): (the model's path, the finished process)."
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    res = run([BIN / "cifarlab", "export", tiny_ckpt, "-o", out, "--data-dir", data_dir], timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out, res
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download is never used
+# headless as root, and no background connections (this machine's network is closed)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists(): pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()

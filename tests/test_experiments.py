@@ -4,21 +4,11 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 
 from conftest import BIN, ROOT, env_with_venv, run
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(archive, tmp_path_factory):
-    "The real data, prepared once for this module."
-    out = tmp_path_factory.mktemp("data") / "cifar10"
-    res = run([BIN / "cifarlab", "data", "--archive", archive, "--data-dir", out, "--quiet"])
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def fit(*args, timeout=600):

@@ -1,0 +1,124 @@
+"""`cifarlab export` and `cifarlab verify` from the command line, on a small model trained here (tests/conftest.py):
+export then verify pass on the full real test set; the contract is in the file; the checkpoint's normalisation is
+honoured; a graph that disagrees with its checkpoint fails verify; bad inputs are one-line errors; writes are atomic."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import BIN, run
+from cifarlab.data import CLASSES, load_meta, load_split
+from cifarlab.export import export_main, verify_main
+
+
+def contract_of(path):
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["cifarlab"])
+
+
+def test_export_then_verify_on_full_test_set(exported_model, tiny_ckpt, data_dir, tmp_path):
+    model, export = exported_model
+    assert "test accuracy" in export.stdout
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.onnx"]  # no temporary file left behind
+
+    c = contract_of(model)
+    assert c["input"] == {"name": "image", "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "height": 32,
+                          "width": 32, "value_range": [0, 255], "batch": "dynamic"}
+    assert c["normalisation"]["in_graph"] and c["normalisation"]["setting"] == "half"  # configs/exp1.yaml
+    assert c["normalisation"]["mean"] == [0.5] * 3 and c["normalisation"]["std"] == [0.5] * 3
+    assert c["classes"] == list(CLASSES) and c["test_images"] == 10_000 and 0.15 < c["test_accuracy"] < 1
+
+    # the batch axis is dynamic: one image and 37 images both run
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    images, _ = load_split(data_dir, "test")
+    for n in (1, 37):
+        assert sess.run(None, {"image": images[:n]})[0].shape == (n, 10)
+
+    report = tmp_path / "verify.json"
+    res = run([BIN / "cifarlab", "verify", model, "--ckpt", tiny_ckpt, "--data-dir", data_dir, "--report", report])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.rstrip().endswith("verify: passed")
+    r = json.loads(report.read_text())
+    assert r["passed"] and r["images"] == 10_000 and all(r["checks"].values())
+    assert r["max_abs_logit_diff"] <= 1e-3
+    assert abs(r["onnx_accuracy"] - r["torch_accuracy"]) <= 1e-3
+    assert r["onnx_accuracy"] == pytest.approx(c["test_accuracy"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def dataset_ckpt(tiny_ckpt, tmp_path_factory):
+    "The tiny checkpoint, rewritten as if trained with normalize='dataset' (the test's own file: safe to load)."
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    ckpt["datamodule_hyper_parameters"]["normalize"] = "dataset"
+    path = tmp_path_factory.mktemp("dataset") / "dataset.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_export_honours_dataset_normalisation(dataset_ckpt, exported_model, data_dir, tmp_path):
+    out = tmp_path / "dataset.onnx"
+    assert export_main([str(dataset_ckpt), "-o", str(out), "--data-dir", str(data_dir), "--limit", "500"]) == 0
+    c, meta = contract_of(out), load_meta(data_dir)
+    assert c["normalisation"]["setting"] == "dataset" and c["test_images"] == 500
+    assert c["normalisation"]["mean"] == meta["train_channel_mean"] and c["normalisation"]["std"] == meta["train_channel_std"]
+    # same weights, other normalisation inside the graph: other logits
+    images = load_split(data_dir, "test")[0][:8]
+    logits = [ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+              for m in (out, exported_model[0])]
+    assert np.abs(logits[0] - logits[1]).max() > 0.1
+    assert verify_main([str(out), "--ckpt", str(dataset_ckpt), "--data-dir", str(data_dir), "--limit", "500"]) == 0
+
+
+def test_verify_fails_when_the_graph_disagrees(exported_model, tiny_ckpt, data_dir, tmp_path, capsys):
+    # change the normalisation constants inside the graph (the two 1x3x1x1 initialisers: scale and shift)
+    proto = onnx.load(str(exported_model[0]))
+    tampered = 0
+    for init in proto.graph.initializer:
+        if list(init.dims) == [1, 3, 1, 1]:
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 1.2, init.name))
+            tampered += 1
+    assert tampered == 2
+    bad = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(bad))
+    assert verify_main([str(bad), "--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--limit", "500"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out.splitlines()[1] and out.rstrip().endswith("verify: FAILED")  # the logits line, and the verdict
+
+
+def test_verify_refuses_another_checkpoint(exported_model, dataset_ckpt, data_dir):
+    res = run([BIN / "cifarlab", "verify", exported_model[0], "--ckpt", dataset_ckpt, "--data-dir", data_dir])
+    assert res.returncode == 1
+    assert res.stderr.startswith("cifarlab verify: error:") and "was not exported from" in res.stderr
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "no such output folder", "missing model",
+                                  "not a model", "ONNX without contract"])
+def test_cli_errors_are_one_line(case, tiny_ckpt, data_dir, tmp_path, capsys):
+    # in process: the entry points the console script calls (test_verify_refuses_another_checkpoint runs the script)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00not what it claims to be" * 10)
+    bare = tmp_path / "bare.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], [])), str(bare))
+    cmd, args, expected = {
+        "missing checkpoint": ("export", [tmp_path / "none.ckpt"], "does not exist"),
+        "not a checkpoint": ("export", [junk], "is not a readable PyTorch checkpoint"),
+        "no such output folder": ("export", [tiny_ckpt, "-o", tmp_path / "no" / "m.onnx"], "does not exist"),
+        "missing model": ("verify", [tmp_path / "none.onnx"], "does not exist"),
+        "not a model": ("verify", [junk], "is not an ONNX model"),
+        "ONNX without contract": ("verify", [bare], "without cifarlab's contract"),
+    }[case]
+    entry = export_main if cmd == "export" else verify_main
+    assert entry([str(a) for a in args] + ["--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"cifarlab {cmd}: error:"), err
+    assert expected in err
+
+
+def test_failed_export_leaves_the_previous_file(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous model")
+    assert export_main([str(tiny_ckpt), "-o", str(out), "--data-dir", str(tmp_path / "no-data")]) == 1
+    assert "cifarlab data" in capsys.readouterr().err
+    assert out.read_bytes() == b"the previous model" and sorted(tmp_path.iterdir()) == [out]

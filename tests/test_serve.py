@@ -1,0 +1,296 @@
+"""`cifarlab serve` as a real process on loopback, over the small model trained and exported in tests/conftest.py:
+/health, predictions on real CIFAR-10 test images, images of every common kind, each kind of bad request answered
+4xx with the service still answering, decompression bombs refused fast with flat memory, a small load test through
+bench/load.py, and the page in headless Chromium finding the right class."""
+import base64
+import functools
+import hashlib
+import io
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from conftest import BIN, ROOT, env_with_venv, run
+from cifarlab.data import CLASSES, load_split
+
+MAX_UPLOAD = 2**20  # the fixture's --max-upload-mb 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model, tmp, *extra):
+    "Start `cifarlab serve`; (process, base URL, seconds until /health answered 200)."
+    port, log = free_port(), open(tmp / "serve.log", "w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "cifarlab"), "serve", "--model", str(model), "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, env=env_with_venv())
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < 60:
+        if proc.poll() is not None: pytest.fail(f"cifarlab serve exited: {(tmp / 'serve.log').read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200: return proc, url, time.perf_counter() - t0
+        except httpx.TransportError: time.sleep(0.05)
+    proc.kill()
+    pytest.fail("cifarlab serve did not answer /health within 60 s")
+
+
+@pytest.fixture(scope="module")
+def server(exported_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    proc, url, startup = start(exported_model[0], tmp, "--max-upload-mb", "1")
+    yield SimpleNamespace(url=url, proc=proc, startup_s=startup, log=tmp / "serve.log", model=exported_model[0])
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def png(array_or_image, fmt="PNG", **kw):
+    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def right_image(exported_model, data_dir):
+    "A real CIFAR-10 test image (as PNG) the model classifies correctly and confidently, and its class."
+    images, labels = load_split(data_dir, "test")
+    sess = ort.InferenceSession(str(exported_model[0]), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"image": images[:500]})[0]
+    p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    right = np.flatnonzero(p.argmax(1) == labels[:500])
+    i = right[p[right].max(1).argmax()]
+    return png(images[i].transpose(1, 2, 0)), CLASSES[labels[i]]
+
+
+def predict(server, data, name="image.png", **kw):
+    return httpx.post(server.url + "/predict", files={"file": (name, data, "application/octet-stream")}, timeout=30, **kw)
+
+
+def assert_still_serving(server, right_image):
+    assert server.proc.poll() is None, server.log.read_text()
+    r = predict(server, right_image[0])
+    assert r.status_code == 200 and r.json()["predictions"][0]["class"] == right_image[1]
+
+
+def test_serve_module_imports_no_torch():
+    code = "import sys, cifarlab.serve; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    res = run([sys.executable, "-c", code])
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_health(server):
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok"
+    m = h["model"]
+    assert m["classes"] == list(CLASSES) and m["test_images"] == 10_000 and 0 < m["test_accuracy"] < 1
+    assert m["sha256"] == hashlib.sha256(server.model.read_bytes()).hexdigest()
+    assert m["input"]["dtype"] == "uint8" and h["limits"]["max_upload_bytes"] == MAX_UPLOAD
+    assert server.startup_s < 20  # about a second on an idle machine; generous for a loaded CI box
+    assert "on http://127.0.0.1:" in server.log.read_text()  # binds loopback by default
+
+
+def test_predicts_real_test_images(server, right_image):
+    r = predict(server, right_image[0])
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert len(preds) == 5 and preds[0]["class"] == right_image[1]
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-9
+    everything = predict(server, right_image[0], params={"k": 10}).json()["predictions"]
+    assert sorted(p["class"] for p in everything) == sorted(CLASSES)
+    assert sum(p["probability"] for p in everything) == pytest.approx(1, abs=1e-6)
+
+
+def png_raw(width, height, bit_depth, color_type, rows):
+    "A PNG written by hand (Pillow cannot write 16-bit RGB): IHDR, one IDAT of `rows` (filter bytes included), IEND."
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def kinds_of_images():
+    rng = np.random.default_rng(0)
+    pic = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    pal = pic.convert("P")
+    pal.info["transparency"] = 0
+    rgb16 = b"".join(b"\x00" + rng.integers(0, 256, 40 * 6, dtype=np.uint8).tobytes() for _ in range(30))
+    return {
+        "grayscale": png(pic.convert("L")), "1-bit": png(pic.convert("1")), "RGBA": png(pic.convert("RGBA")),
+        "gray+alpha": png(pic.convert("LA")), "palette+transparency": png(pal),
+        "16-bit gray": png(Image.fromarray(rng.integers(0, 65536, (30, 40), dtype=np.uint16))),
+        "16-bit RGB": png_raw(40, 30, 16, 2, rgb16), "JPEG": png(pic, "JPEG"), "CMYK JPEG": png(pic.convert("CMYK"), "JPEG"),
+        "animated GIF": png(pal, "GIF", save_all=True, append_images=[pic.convert("P")]), "BMP": png(pic, "BMP"),
+        "TIFF": png(pic, "TIFF"), "WebP": png(pic, "WEBP"), "1x1": png(np.zeros((1, 1, 3), np.uint8)),
+        "very wide": png(np.zeros((3, 3000, 3), np.uint8)), "12 MP JPEG": png(pic.resize((4000, 3000)), "JPEG"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(kinds_of_images()))
+def test_every_kind_of_image_is_classified(server, kind):
+    r = predict(server, kinds_of_images()[kind])
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 5
+
+
+@functools.cache
+def bomb(width, height, complete=True):
+    "A valid 8-bit gray PNG of `width`x`height` zeros (compressed about 1000:1); incomplete: only its first rows."
+    z, rows = zlib.compressobj(9), bytes(width + 1)
+    idat = b"".join(z.compress(rows) for _ in range(height if complete else 8)) + z.flush()
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@functools.cache
+def jpeg_declaring(width, height):
+    "A small real JPEG whose frame header declares `width`x`height`."
+    data = bytearray(png(np.zeros((16, 16, 3), np.uint8), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def chunked_upload(size):
+    "A multipart body sent with chunked transfer encoding (no Content-Length), `size` bytes of file content."
+    def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        for _ in range(size // 65536): yield bytes(65536)
+        yield b"\r\n--b--\r\n"
+    return dict(content=body(), headers={"content-type": "multipart/form-data; boundary=b"})
+
+
+def bad_requests(good):
+    "name: (keyword arguments of httpx.post, the status the service must answer)"
+    file = lambda data: dict(files={"file": ("x.png", data, "image/png")})
+    return {
+        "empty body": (dict(), 422),
+        "empty file": (file(b""), 400),
+        "text, not an image": (file(b"hello, I am not an image"), 415),
+        "random bytes": (file(np.random.default_rng(1).bytes(5000)), 415),
+        "truncated PNG": (file(good[: len(good) // 2]), 400),
+        "PNG with corrupt pixel data": (file(good[:len(good) // 2] + bytes(50) + good[len(good) // 2 + 50:]), 400),
+        "PNG with a corrupt header": (file(good[:40] + bytes(20) + good[60:]), 415),  # Pillow cannot tell it is a PNG
+        "over the upload limit": (file(bytes(MAX_UPLOAD + 1)), 413),
+        "far over the upload limit": (file(bytes(20 * MAX_UPLOAD)), 413),
+        "over the limit, chunked": (chunked_upload(2 * MAX_UPLOAD), 413),
+        "missing form field": (dict(data={"comment": "no file here"}), 422),
+        "misnamed form field": (dict(files={"image": ("x.png", good, "image/png")}), 422),
+        "JSON instead of a form": (dict(json={"file": "x.png"}), 422),
+        "multipart without a boundary": (dict(content=b"x", headers={"content-type": "multipart/form-data"}), 400),
+        "k out of range": (dict(files={"file": ("x.png", good, "image/png")}, params={"k": 0}), 422),
+        "bomb: 5000x5000 PNG": (file(bomb(5000, 5000)), 413),
+        "bomb: 100000x100000 PNG": (file(bomb(100_000, 100_000, complete=False)), 413),
+        "bomb: 60000x60000 JPEG": (file(jpeg_declaring(60_000, 60_000)), 413),
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_requests(b"")))
+def test_bad_request_gets_4xx_and_service_carries_on(server, right_image, name):
+    kw, status = bad_requests(right_image[0])[name]
+    r = httpx.post(server.url + "/predict", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    assert_still_serving(server, right_image)
+
+
+def peak_rss_kb(pid):
+    return int(next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
+def test_bombs_are_refused_fast_with_flat_memory(server, right_image):
+    bombs = [bomb(12_000, 12_000), bomb(100_000, 100_000, complete=False), jpeg_declaring(65_000, 65_000)]
+    assert max(map(len, bombs)) < 200_000  # small files: 144 million pixels (or far more) declared
+    assert_still_serving(server, right_image)
+    before = peak_rss_kb(server.proc.pid)
+    for data in bombs:
+        t0 = time.perf_counter()
+        assert predict(server, data).status_code == 413
+        assert time.perf_counter() - t0 < 2
+    assert peak_rss_kb(server.proc.pid) - before < 50_000  # decoding any of them would take 144 MB or more
+    assert_still_serving(server, right_image)
+
+
+def test_openapi_docs(server):
+    assert httpx.get(server.url + "/docs").status_code == 200
+    spec = httpx.get(server.url + "/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert "file" in json.dumps(spec["components"]) or "file" in json.dumps(body)
+    assert {"400", "413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+
+
+def test_load_small(server, data_dir, tmp_path):
+    "bench/load.py at a small size: concurrent clients, no errors (the benchmark runs it at full size)."
+    out = tmp_path / "load.json"
+    res = run([sys.executable, ROOT / "bench" / "load.py", "--url", server.url, "--clients", "4", "--requests", "200",
+               "--images", "50", "--data-dir", data_dir, "--out", out], timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads(out.read_text())
+    assert r["requests"] == 200 and r["errors"] == 0 and r["healthy_after"]
+    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] and r["requests_per_second"] > 0
+
+
+@pytest.mark.parametrize("case", ["missing model", "not a model", "port in use"])
+def test_cli_errors(case, server, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    args = {"missing model": ["--model", tmp_path / "none.onnx"], "not a model": ["--model", junk],
+            "port in use": ["--model", server.model, "--port", server.url.rsplit(":", 1)[1]]}[case]
+    res = run([BIN / "cifarlab", "serve", *args], timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("cifarlab serve: error:"), res.stderr
+    assert {"missing model": "does not exist", "not a model": "is not an ONNX model",
+            "port in use": "already in use"}[case] in res.stderr
+
+
+def test_page_classifies_a_real_image(server, right_image, browser):
+    data, expected = right_image
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    # the browser logs a failed fetch (the 415 below) as a console error; anything else is a fault
+    page.on("console", lambda m: m.type == "error" and "415" not in m.text and errors.append(m.text))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#facts').textContent.includes('test accuracy')")
+
+    # pick a file, as a person does with the file dialog
+    page.set_input_files("#file", files=[{"name": "cifar.png", "mimeType": "image/png", "buffer": data}])
+    page.wait_for_selector("#results li")
+    assert page.locator("#results li").count() == 5
+    assert page.locator("#results li .label").first.text_content() == expected
+    assert page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth") == 32
+    widths = page.eval_on_selector_all("#results .fill", "els => els.map(e => parseFloat(e.style.width))")
+    assert widths == sorted(widths, reverse=True) and widths[0] > 0
+
+    # drop files on the zone, as a person drags them: first something that is not an image, then the image
+    def drop(content, name, mime):
+        dt = page.evaluate_handle("""([b64, name, mime]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: mime})); return dt; }""",
+                                  [base64.b64encode(content).decode(), name, mime])
+        page.dispatch_event("#drop", "drop", {"dataTransfer": dt})
+
+    drop(b"not an image", "notes.txt", "text/plain")
+    page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+    assert "415" in page.text_content("#status") and page.locator("#results li").count() == 0
+    drop(data, "again.png", "image/png")
+    page.wait_for_selector("#results li")
+    assert page.locator("#results li .label").first.text_content() == expected
+    assert not errors, errors
+    page.close()
