@@ -25,11 +25,13 @@ __all__ = ['RunCheckpoint', 'CifarCLI', 'fit', 'validate', 'test', 'PipelineLogg
 
 # %% ../nbs/04_experiments.ipynb #c006
 class RunCheckpoint(ModelCheckpoint):
-    "Best-by-`val_acc` and last checkpoints in `<trainer.default_root_dir>/checkpoints`."
-    def __init__(self, monitor: str | None = "val_acc", mode: str = "max", dirpath: str | None = None):
-        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_last=True, save_top_k=1 if monitor else 0,
+    "Checkpoints in `<trainer.default_root_dir>/checkpoints`: with `monitor`, the best by it; without, every epoch's `last.ckpt`."
+    def __init__(self, monitor: str | None = None, mode: str = "max", dirpath: str | None = None):
+        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=1, save_last=monitor is None,
                          filename="best-epoch{epoch}-val_acc{val_acc:.4f}" if monitor else "epoch{epoch}",
-                         auto_insert_metric_name=False)
+                         auto_insert_metric_name=False,
+                         # a resumed run overwrites its files rather than writing -v1 copies beside them
+                         enable_version_counter=False)
 
     def _set_dirpath(self, trainer):
         if self.dirpath is None: self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
@@ -45,7 +47,8 @@ class CifarCLI(LightningCLI):
     "LightningCLI for cifarlab: `Classifier` + `CIFAR10DataModule`, checkpoints under `<default_root_dir>/checkpoints`."
     def __init__(self, args=None, run=True, **kwargs):
         super().__init__(Classifier, CIFAR10DataModule, args=args, run=run,
-                         trainer_defaults={"default_root_dir": "runs/default", "callbacks": [RunCheckpoint()]},
+                         trainer_defaults={"default_root_dir": "runs/default",
+                                           "callbacks": [RunCheckpoint("val_acc"), RunCheckpoint()]},
                          save_config_kwargs={"overwrite": True}, **kwargs)
 
 from contextlib import contextmanager
@@ -59,7 +62,10 @@ def _args_only():
 
 def _run_cli(subcommand, argv):
     argv = list(sys.argv[2:] if argv is None else argv)
-    with _args_only(): CifarCLI(args=[subcommand, *argv])
+    if sys.argv[1:] == [subcommand, *argv]:
+        CifarCLI()  # the process's own command line, which DDP's launcher re-runs for the other ranks
+    else:
+        with _args_only(): CifarCLI(args=[subcommand, *argv])
     return 0
 
 def fit(argv=None):
@@ -102,7 +108,7 @@ def run_recipe(config, *overrides, name=None, test=True):
               "epochs": trainer.current_epoch, "train_time_s": train_s,
               "val_acc": _metric(trainer, "val_acc"), "device": str(trainer.strategy.root_device),
               "params": sum(p.numel() for p in model.parameters()), "log_dir": trainer.log_dir,
-              "checkpoint": trainer.checkpoint_callback.last_model_path}
+              "checkpoint": next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last)}
     if test:
         trainer.test(model, datamodule=dm, verbose=False)
         record["test_acc"] = _metric(trainer, "test_acc")
