@@ -100,7 +100,7 @@ def test_s3_roundtrip(repo, s3_server):
 def test_s3_wrong_credentials(repo, s3_server):
     endpoint = s3_server(INITIAL_NO_AUTH_ACTION_COUNT="0")  # this server checks credentials
     add_s3_remote(repo, "s3auth", endpoint, key="AKIAWRONG", secret="wrong")
-    res = dvc(repo, "push", "-r", "s3auth", timeout=120)
+    res = dvc(repo, "push", "data", "-r", "s3auth", timeout=120)
     assert res.returncode != 0
     assert "Forbidden" in res.stderr or "403" in res.stderr or "InvalidAccessKeyId" in res.stderr, res.stderr
 
@@ -108,7 +108,7 @@ def test_s3_wrong_credentials(repo, s3_server):
 def test_s3_unreachable_endpoint(repo):
     add_s3_remote(repo, "s3down", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     t0 = time.monotonic()
-    res = dvc(repo, "push", "-r", "s3down", timeout=120)
+    res = dvc(repo, "push", "data", "-r", "s3down", timeout=120)
     assert res.returncode != 0
     assert "Could not connect to the endpoint URL" in res.stderr, res.stderr
     assert time.monotonic() - t0 < 90
