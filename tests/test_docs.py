@@ -12,7 +12,8 @@ from urllib.parse import urldefrag
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 
 
 def sidebar_pages():
