@@ -365,6 +365,11 @@ class CIFAR10DataModule(L.LightningDataModule):
     def test_dataloader(self): return self._batches("test")
     def predict_dataloader(self): return self._batches("test")
 
+    def train_images(self, n: int | None = None):
+        "The first `n` training images (all if None), normalised as the model sees them, without augmentation."
+        x, y = self.splits["train"]
+        return TensorBatches(x[:n], y[:n], len(x[:n]), self.mean, self.std).transform(x[:n])
+
 # %% ../nbs/02_data.ipynb #c043
 def main(argv=None):
     "Entry point of `cifarlab data`."

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lightning as L
 
 # %% auto #0
-__all__ = ['conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'FastNet', 'shift', 'tta_logits', 'Classifier']
+__all__ = ['conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet', 'shift', 'tta_logits', 'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
@@ -38,14 +38,39 @@ class ConvGroup(nn.Sequential):
                          nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
                          nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.GELU())
 
+class WhiteningStem(nn.Module):
+    "A frozen 2×2 convolution that whitens image patches, then GELU; `init_from(images)` sets its filters."
+    def __init__(self, eps: float = 5e-4):
+        super().__init__()
+        self.eps = eps
+        self.conv = nn.Conv2d(3, 24, 2, bias=True)  # 12 patch directions and their negatives
+        self.conv.weight.requires_grad_(False)
+        self.register_buffer("initialised", torch.tensor(False))  # saved in checkpoints: a resumed run keeps its filters
+        self.act = nn.GELU()
+
+    @torch.no_grad()
+    def init_from(self, images):
+        "Whitening filters from the 2×2 patches of `images` (N×3×H×W, normalised as in training)."
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # N×3×(H-1)×(W-1)×2×2
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()  # (channel, row, col) = conv layout
+        eigvals, eigvecs = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigvecs.T / (eigvals + self.eps).sqrt()[:, None]).reshape(12, 3, 2, 2)
+        self.conv.weight.copy_(torch.cat([filters, -filters]))
+        self.initialised.fill_(True)
+
+    def forward(self, x): return self.act(self.conv(x))
+
 class FastNet(nn.Module):
     "An airbench-shaped CNN: stem, three conv groups that halve the resolution, max-pool, scaled linear head."
-    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), stem_width: int = 24,
+    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), stem_width: int = 24, stem: str = "conv",
                  num_classes: int = 10, head_scale: float = 1 / 9):
         super().__init__()
+        if stem not in ("conv", "whiten"): raise ValueError(f"stem must be 'conv' or 'whiten', not {stem!r}")
+        if stem == "whiten" and stem_width != 24:
+            raise ValueError(f"the whitening stem has 24 channels (2×2×3 patch directions and their negatives); stem_width={stem_width}")
         w1, w2, w3 = widths
-        self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(stem_width, momentum=0.4), nn.GELU())
+        self.stem = WhiteningStem() if stem == "whiten" else nn.Sequential(
+            nn.Conv2d(3, stem_width, 3, padding=1, bias=False), nn.BatchNorm2d(stem_width, momentum=0.4), nn.GELU())
         self.groups = nn.Sequential(ConvGroup(stem_width, w1), ConvGroup(w1, w2), ConvGroup(w2, w3))
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(w3, num_classes, bias=False)
@@ -54,11 +79,15 @@ class FastNet(nn.Module):
             # identity-like start for the second conv of each group: the block begins close to its first half
             if isinstance(m, ConvGroup): nn.init.dirac_(m[4].weight[:, :m[4].in_channels])
 
+    def init_from_data(self, images):
+        "Set the whitening stem's filters from training `images`, unless they are set (by an earlier call or a checkpoint)."
+        if isinstance(self.stem, WhiteningStem) and not self.stem.initialised: self.stem.init_from(images)
+
     def forward(self, x):
         x = self.pool(self.groups(self.stem(x)))
         return self.head(x.flatten(1)) * self.head_scale
 
-# %% ../nbs/03_model.ipynb #c011
+# %% ../nbs/03_model.ipynb #c013
 def shift(x, dy, dx):
     "Translate a batch by (dy, dx) pixels, filling the border by reflection."
     p = max(abs(dy), abs(dx))
@@ -73,7 +102,7 @@ def tta_logits(net, x, tta="none"):
     if tta == "flip+shift": views += [shift(v, d, d) for v in views[:2] for d in (-1, 1)]
     return torch.stack([net(v) for v in views]).mean(0)
 
-# %% ../nbs/03_model.ipynb #c014
+# %% ../nbs/03_model.ipynb #c016
 class Classifier(L.LightningModule):
     "Train `net` on CIFAR-10 by a configurable recipe; log loss and accuracy."
     def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
@@ -90,6 +119,12 @@ class Classifier(L.LightningModule):
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
 
     def forward(self, x): return self.net(x)
+
+    def on_fit_start(self):
+        # data-dependent initialisation (FastNet's whitening stem) from the training split; every DDP rank holds the
+        # whole split, so all ranks compute the same filters. A checkpoint's restored filters are kept.
+        init, dm = getattr(self.net, "init_from_data", None), getattr(self.trainer, "datamodule", None)
+        if init is not None and hasattr(dm, "train_images"): init(dm.train_images(5000))
 
     def _inputs(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x

@@ -1,0 +1,55 @@
+"""The training benchmark harness and the GPU benchmark script, run for real on the CPU at a tiny size."""
+import json
+import sys
+
+from conftest import env_with_venv, run
+
+# a network and data small enough for seconds per run on two CPU cores; everything else is the recipes' own
+TINY = ["--set=--model.net.init_args.widths=[8,16,16]", "--set=--data.subset=1000", "--set=--data.batch_size=250",
+        "--set=--data.val_size=1000", "--set=--trainer.max_epochs=2"]
+
+
+def check_runs(runs, recipe, seeds, target):
+    assert [r["seed"] for r in runs] == seeds
+    for r in runs:
+        assert r["recipe"] == recipe and r["epochs"] == 2
+        assert [p["epoch"] for p in r["curve"]] == [1, 2]
+        assert r["curve"][0]["time_s"] < r["curve"][1]["time_s"] <= r["wall_s"]
+        # the curve's last point and the final test measure the same model on the same images
+        assert abs(r["curve"][-1]["test_acc"] - r["test_acc"]) < 1e-6
+        assert 0 < r["train_s"] < r["wall_s"] and r["images_per_s"] > 0 and r["peak_rss_mib"] > 100
+        assert r["time_to_target_s"] == next((p["time_s"] for p in r["curve"] if p["test_acc"] >= target), None)
+
+
+def test_gpu_script_on_cpu_with_a_tiny_config_and_a_comparison(tmp_path, data_dir):
+    "bench/gpu94.sh end to end on the CPU; `--compare` passes through to the harness, so one run checks both modes."
+    out = tmp_path / "gpu94.json"
+    res = run(["bash", "bench/gpu94.sh", *TINY, "--compare", "configs/quick.yaml"],
+              env=env_with_venv(PYTHON=sys.executable, SEEDS="2", OUT=str(out), DATA=str(data_dir)), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    gpu94, quick = result["runs"]["gpu94"], result["runs"]["quick"]
+    check_runs(gpu94, "gpu94", [0, 1], 0.94); check_runs(quick, "quick", [0, 1], 0.94)  # the warm-ups are not among them
+    # seed 0: gpu94 then quick; seed 1: quick then gpu94
+    assert [r["order"] for r in gpu94] == [0, 3] and [r["order"] for r in quick] == [1, 2]
+    s, c = result["summary"], result["comparison"]
+    accs = [r["test_acc"] for r in gpu94]
+    assert s["gpu94"]["runs"] == 2 and s["gpu94"]["target"] == 0.94
+    assert abs(s["gpu94"]["test_acc_mean"] - sum(accs) / 2) < 1e-9
+    assert s["gpu94"]["test_acc_min"] == min(accs) and s["gpu94"]["test_acc_max"] == max(accs)
+    assert c["recipes"] == ["gpu94", "quick"]
+    assert abs(c["wall_ratio"] - s["gpu94"]["wall_s_median"] / s["quick"]["wall_s_median"]) < 1e-9
+    assert result["machine"]["cpu"] and result["machine"]["torch"]
+    assert "gpu94 seed 1: test" in res.stdout and "comparison:" in res.stdout
+
+
+def test_script_names_what_its_python_lacks(tmp_path):
+    res = run(["bash", "bench/gpu94.sh"], env=env_with_venv(PYTHON="/usr/bin/env python3 -I -S", OUT=str(tmp_path / "x.json")))
+    assert res.returncode == 1 and "cannot import torch, lightning" in res.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_recipe_path_is_a_clear_error(tmp_path):
+    res = run([sys.executable, "bench/train.py", "configs/nope.yaml", "--out", tmp_path / "x.json"])
+    assert res.returncode == 2 and "no recipe at configs/nope.yaml" in res.stderr
+    assert not (tmp_path / "x.json").exists()
