@@ -57,12 +57,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cifarlab.env import cpu_name
-from cifarlab.experiments import CifarCLI, _args_only, write_results
+from cifarlab.experiments import CifarCLI, _args_only, _sync as sync, write_results
 from cifarlab.model import tta_logits
-
-
-def sync():
-    if torch.cuda.is_available(): torch.cuda.synchronize()
 
 
 class PeakMemory:
