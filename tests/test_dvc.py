@@ -116,7 +116,8 @@ def test_s3_unreachable_endpoint(repo):
 
 def test_pipeline_experiment_with_set_params(repo):
     "`dvc exp run -S` runs train and evaluate with the seed's exp1 settings (on a subset, to stay quick)."
-    res = dvc(repo, "exp", "run", "-S", "train.config=configs/exp1.yaml", "-S", "train.lr=0.001", "-S", "train.batch_size=64",
+    # the `evaluate` target runs data -> train -> evaluate; export and verify have tests of their own
+    res = dvc(repo, "exp", "run", "evaluate", "-S", "train.config=configs/exp1.yaml", "-S", "train.lr=0.001", "-S", "train.batch_size=64",
               "-S", "train.epochs=1", "-S", "train.subset=640", timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "test accuracy:" in res.stdout
