@@ -4,7 +4,7 @@
     uv run python bench/train.py configs/quick.yaml --compare configs/exp1.yaml --seeds 3 --out bench/results/quick_vs_exp1.json
     uv run python bench/train.py configs/gpu94.yaml --seeds 5 --warmup --target 0.94 --out bench/results/gpu94.json
 
-Each run goes through cifarlab's own pipeline (the LightningCLI objects `cifarlab fit` builds, with
+Each run goes through cifarlab's own pipeline (`run_recipe`: the LightningCLI objects `cifarlab fit` builds, with
 `seed_everything` and `data.seed` set to the run's seed) in this process, after the imports. Per run it records:
 
 - `wall_s`: building the model and data, training with the recipe's own validation, and the final test;
@@ -57,7 +57,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cifarlab.env import cpu_name
-from cifarlab.experiments import CifarCLI, _args_only, _sync as sync, write_results
+from cifarlab.experiments import _sync as sync, run_recipe, write_results
 from cifarlab.model import tta_logits
 
 
@@ -109,30 +109,18 @@ class BenchClock(Callback):
 
 
 def run_once(config, seed, target, overrides=(), root=None):
-    "One seeded run of `config`; returns its record."
-    start = time.perf_counter()
-    clock = BenchClock(start, target)
-    args = ["-c", str(config), f"--seed_everything={seed}", f"--data.seed={seed}", "--trainer.logger=false",
+    "One seeded run of `config` through `run_recipe`; returns its record."
+    clock = BenchClock(time.perf_counter(), target)
+    args = [f"--seed_everything={seed}", f"--data.seed={seed}", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             f"--trainer.default_root_dir={root}/{Path(config).stem}-seed{seed}", *overrides]
     if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
-    with PeakMemory() as mem:
-        with _args_only(): cli = CifarCLI(args=args, run=False)
-        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-        trainer.callbacks.append(clock)
-        sync(); t_fit = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
-        sync(); fit_s = time.perf_counter() - t_fit
-        val_acc = trainer.callback_metrics.get("val_acc")
-        trainer.test(model, datamodule=dm, verbose=False)
-        wall = clock.elapsed()
-    train_s = fit_s - clock.val_s - clock.curve_s
-    images = trainer.global_step * dm.hparams.batch_size * trainer.world_size
-    return {"recipe": Path(config).stem, "config": str(config), "seed": seed, "overrides": list(overrides),
-            "epochs": trainer.current_epoch, "test_acc": float(trainer.callback_metrics["test_acc"]),
-            "val_acc": None if val_acc is None else float(val_acc),
-            "wall_s": wall, "train_s": train_s, "validation_s": clock.val_s,
-            "time_to_target_s": clock.time_to_target, "images_per_s": images / train_s,
+    with PeakMemory() as mem: rec = run_recipe(config, *args, callbacks=[clock])
+    train_s = rec["train_time_s"] - clock.val_s - clock.curve_s
+    return {"recipe": rec["recipe"], "config": str(config), "seed": seed, "overrides": list(overrides),
+            "epochs": rec["epochs"], "test_acc": rec["test_acc"], "val_acc": rec["val_acc"],
+            "wall_s": rec["wall_time_s"] - clock.curve_s, "train_s": train_s, "validation_s": clock.val_s,
+            "time_to_target_s": clock.time_to_target, "images_per_s": rec["images_trained"] / train_s,
             "peak_rss_mib": mem.peak / 2**20,
             "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "curve": clock.curve}

@@ -96,23 +96,25 @@ class PipelineLogger(DVCLiveLogger):
 def _sync():
     if torch.cuda.is_available(): torch.cuda.synchronize()
 
-def run_recipe(config, *overrides, name=None, test=True):
-    "Fit `config` with command-line style `overrides`, test it, and return a record of the run."
+def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
+    "Fit `config` with command-line style `overrides` (and extra Lightning `callbacks`), test it, and return a record of the run."
     t0 = time.perf_counter()
     with _args_only(): cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    trainer.callbacks.extend(callbacks)
     _sync(); t_fit = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     _sync(); train_s = time.perf_counter() - t_fit
     record = {"recipe": name or Path(config).stem, "config": str(config), "overrides": list(overrides),
               "epochs": trainer.current_epoch, "train_time_s": train_s,
+              "images_trained": trainer.global_step * dm.hparams.batch_size * trainer.world_size,
               "val_acc": _metric(trainer, "val_acc"), "device": str(trainer.strategy.root_device),
               "params": sum(p.numel() for p in model.parameters()), "log_dir": trainer.log_dir,
               "checkpoint": next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last)}
     if test:
         trainer.test(model, datamodule=dm, verbose=False)
         record["test_acc"] = _metric(trainer, "test_acc")
-    record["wall_time_s"] = time.perf_counter() - t0
+    _sync(); record["wall_time_s"] = time.perf_counter() - t0
     return record
 
 def _metric(trainer, key):
