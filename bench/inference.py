@@ -26,9 +26,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from cifarlab.data import CIFAR10DataModule
 from cifarlab.env import cpu_name
-from cifarlab.export import Deployable, export_checkpoint, load_model, ort_session, read_checkpoint, read_contract
+from cifarlab.experiments import load_run
+from cifarlab.export import Deployable, checkpoint_facts, export_checkpoint, ort_session, read_contract
 
 
 def percentiles(seconds):
@@ -40,23 +40,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt", type=Path, help="Lightning checkpoint written by `cifarlab fit`")
     ap.add_argument("--model", type=Path, help="its ONNX export (default: export it to a temporary file)")
-    ap.add_argument("--data-dir", default="data/cifar10")
+    ap.add_argument("--data-dir", default=None, help="prepared CIFAR-10 (default: the run's own)")
     ap.add_argument("--single", type=int, default=500, help="images timed one by one")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="passes over the test set for throughput")
     ap.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
     args = ap.parse_args()
 
-    facts = read_checkpoint(args.ckpt)
+    facts = checkpoint_facts(args.ckpt)
     model_path = args.model or Path(tempfile.mkdtemp()) / "model.onnx"
     if args.model is None: export_checkpoint(args.ckpt, model_path, args.data_dir, limit=1000)
     if read_contract(model_path)["source"].get("sha256") != facts["sha256"]:
         sys.exit(f"{model_path} was not exported from {args.ckpt}: pass the matching --model")
 
-    dm = CIFAR10DataModule(data_dir=args.data_dir, normalize=facts["normalize"])
-    dm.setup("test")
+    model, dm = load_run(args.ckpt, args.data_dir)
     images = dm.splits["test"][0].numpy()
-    net = Deployable(load_model(args.ckpt), dm.mean, dm.std).eval()
+    net = Deployable(model, dm.mean, dm.std).eval()
 
     results = {}
     for threads in sorted({1, os.cpu_count() or 1}):

@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("bench/results/loader.json"))
     args = ap.parse_args()
 
-    dm = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=5000, augment="crop+flip",
+    dm = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=5000, augment=["crop", "flip"],
                            crop_padding=4, pad_mode="reflect")
     dm.prepare_data(); dm.setup("fit")
     x, y = dm.splits["train"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from cifarlab.env import cpu_name
-from cifarlab.experiments import CifarCLI, _args_only, _sync, write_results
+from cifarlab.env import cpu_name, synchronize
+from cifarlab.experiments import recipe_objects, write_results
 
 
 def main(argv=None):
@@ -33,12 +33,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not Path(args.config).is_file(): ap.error(f"no recipe at {args.config}")
 
-    with _args_only():
-        cli = CifarCLI(args=["-c", args.config, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                             "--trainer.enable_model_summary=false", *args.overrides,
-                             # one step of fit sets up the device, precision and data module as a real run does
-                             "--trainer.max_steps=1", "--trainer.limit_val_batches=0"], run=False)
-    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    trainer, model, dm = recipe_objects(args.config, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                                        "--trainer.enable_model_summary=false", *args.overrides,
+                                        # one step of fit sets up the device, precision and data module as a real run does
+                                        "--trainer.max_steps=1", "--trainer.limit_val_batches=0")
     trainer.fit(model, datamodule=dm)
     model.train()
     opt = model.configure_optimizers()
@@ -49,16 +47,16 @@ def main(argv=None):
     def step():
         with record_function("data (batch, augment, normalise)"): x, y = next(batches)
         with record_function("forward + loss"), trainer.precision_plugin.forward_context():
-            loss = F.cross_entropy(model(model._inputs(x)), y, label_smoothing=hp.label_smoothing)
+            loss = F.cross_entropy(model(x), y, label_smoothing=hp.label_smoothing)
         with record_function("backward"): loss.backward()
         with record_function("optimiser"): opt.step(); opt.zero_grad(set_to_none=True)
 
     for _ in range(args.warmup): step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    _sync(); t0 = time.perf_counter()
+    synchronize(); t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(args.steps): step()
-        _sync()
+        synchronize()
     elapsed = time.perf_counter() - t0
     events = prof.key_averages()
     phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in

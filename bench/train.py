@@ -56,9 +56,8 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from cifarlab.env import cpu_name
-from cifarlab.experiments import _sync as sync, run_recipe, write_results
-from cifarlab.model import tta_logits
+from cifarlab.env import cpu_name, synchronize as sync
+from cifarlab.experiments import run_recipe, write_results
 
 
 class PeakMemory:
@@ -99,7 +98,7 @@ class BenchClock(Callback):
         correct = total = 0
         with trainer.precision_plugin.forward_context():
             for x, y in trainer.datamodule.test_dataloader():
-                logits = tta_logits(pl_module.net, pl_module._inputs(x), pl_module.hparams.tta)
+                logits = pl_module.predict_step((x, y))
                 correct += (logits.argmax(1) == y).sum().item(); total += len(y)
         pl_module.train(was_training)
         acc = correct / total

@@ -8,26 +8,46 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .env import CifarlabError
+
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'usage', 'main']
+__all__ = ['SUBCOMMANDS', 'TAKES_ARGV', 'command_parser', 'run_command', 'usage', 'main']
 
 # %% ../nbs/07_cli.ipynb #c005
 SUBCOMMANDS = {
-    # name: ("module:function" taking argv and returning the exit status, one-line help)
-    "env": ("cifarlab.env:main", "report versions, the accelerator and a checked matrix product"),
-    "data": ("cifarlab.data:main", "acquire, verify and prepare CIFAR-10"),
+    # name: ("module:function", one-line help)
+    "env": ("cifarlab.env:env_command", "report versions, the accelerator and a checked matrix product"),
+    "data": ("cifarlab.data:data_command", "acquire, verify and prepare CIFAR-10"),
     "fit": ("cifarlab.experiments:fit", "train a model (Lightning CLI: -c configs/NAME.yaml, --trainer.*, --model.*, --data.*)"),
-    "validate": ("cifarlab.experiments:validate", "evaluate a checkpoint on the validation split"),
+    "validate": ("cifarlab.experiments:validate", "evaluate a checkpoint on the validation split (Lightning CLI)"),
     "test": ("cifarlab.experiments:test", "evaluate a checkpoint on the test split (Lightning CLI)"),
-    "evaluate": ("cifarlab.experiments:evaluate_main", "test a checkpoint and log metrics and plots with DVCLive"),
-    "export": ("cifarlab.export:export_main", "export a checkpoint to ONNX"),
-    "verify": ("cifarlab.export:verify_main", "check an ONNX model against PyTorch on the real test set"),
+    "evaluate": ("cifarlab.experiments:evaluate_command", "test a checkpoint and log metrics and plots with DVCLive"),
+    "export": ("cifarlab.export:export_command", "export a checkpoint to ONNX"),
+    "verify": ("cifarlab.export:verify_command", "check an ONNX model against PyTorch on the real test set"),
     "serve": ("cifarlab.serve:main", "serve an ONNX model over HTTP, with a page for people"),
 }
+TAKES_ARGV = {"fit", "validate", "test", "serve"}  # commands that parse their own arguments
 
 def _entry(name):
     module, func = SUBCOMMANDS[name][0].split(":")
     return getattr(importlib.import_module(module), func)
+
+def command_parser(name):
+    "The `argparse` parser of command `name`, made from its function's signature and docments."
+    from fastcore.script import anno_parser
+    return anno_parser(_entry(name), prog=f"cifarlab {name}")
+
+def run_command(name, argv):
+    "Run command `name` with the command-line arguments `argv`; return its exit status."
+    func = _entry(name)
+    try:
+        if name in TAKES_ARGV: return func(argv) or 0
+        args = vars(command_parser(name).parse_args(argv))
+        for extra in ("pdb", "xtra"): args.pop(extra, None)  # anno_parser's own hidden options
+        return func(**args) or 0
+    except CifarlabError as e:
+        print(f"cifarlab {name}: error: {e}", file=sys.stderr)
+        return 1
 
 def usage():
     "The text `cifarlab --help` prints."
@@ -46,4 +66,4 @@ def main(argv=None):
     if name not in SUBCOMMANDS:
         print(f"cifarlab: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    return _entry(name)(rest)
+    return run_command(name, rest)

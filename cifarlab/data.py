@@ -5,31 +5,32 @@
 # %% ../nbs/02_data.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import pickle
-import shutil
-import sys
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import lightning as L
+from fastcore.script import store_true
 from tqdm.auto import tqdm
+
+from .env import CifarlabError, atomic_path, check_choice
 
 # %% auto #0
 __all__ = ['CLASSES', 'OFFICIAL_URL', 'OFFICIAL_MD5', 'ARCHIVE_ENV', 'BATCH_DIR', 'SPLIT_BATCHES', 'BATCH_MD5', 'SPLIT_SHA256',
-           'BATCH_SIZE', 'DataError', 'BatchUnpickler', 'load_batch', 'md5', 'check_batch', 'read_archive', 'download',
-           'resolve_archive', 'channel_stats', 'check_split', 'load_split', 'load_meta', 'is_prepared', 'prepare',
-           'random_crop', 'random_flip', 'TensorBatches', 'CIFAR10DataModule', 'main']
+           'BATCH_SIZE', 'AUGMENTATIONS', 'Augmentation', 'Normalization', 'PadMode', 'DataError', 'BatchUnpickler',
+           'load_batch', 'md5', 'check_batch', 'read_archive', 'download', 'resolve_archive', 'channel_stats',
+           'check_split', 'load_split', 'load_meta', 'is_prepared', 'prepare', 'random_crop', 'random_flip',
+           'random_cutout', 'normalization', 'TensorBatches', 'CIFAR10DataModule', 'data_command']
 
 # %% ../nbs/02_data.ipynb #c006
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -52,7 +53,7 @@ SPLIT_SHA256 = {"train": "9d5c2eddadb0deff02c14c350c0385aab7b1d5ff1edfeb4997c8dc
                 "test": "177777c33ba79825320efa646ad04a94bdc3c80e4ebe3bd21724f8cdfd4b9d56"}
 BATCH_SIZE = 10_000
 
-class DataError(Exception):
+class DataError(CifarlabError):
     "The data is missing or not the real CIFAR-10; the message says what is wrong and what to do."
 
 # %% ../nbs/02_data.ipynb #c008
@@ -141,22 +142,18 @@ def read_archive(path, progress=True):
 def download(url, dest, expected_md5=OFFICIAL_MD5, progress=True):
     "Download `url` to `dest` (atomically, md5-checked) and return `dest`."
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     h = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, \
+        with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, \
              tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                   desc=f"download {dest.name}", disable=not progress) as bar:
             while chunk := r.read(1 << 20):
                 f.write(chunk); h.update(chunk); bar.update(len(chunk))
+            if h.hexdigest() != expected_md5:  # raised inside: the partial file is removed, not renamed
+                raise DataError(f"the download of {url} has md5 {h.hexdigest()}, expected {expected_md5}: try again.")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"could not download {url} ({e}). Without internet access, pass --archive with a local "
                         f"copy of cifar-10-python.tar.gz (or set {ARCHIVE_ENV}).") from None
-    if h.hexdigest() != expected_md5:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"the download of {url} has md5 {h.hexdigest()}, expected {expected_md5}: try again.")
-    os.replace(tmp, dest)
     return dest
 
 def resolve_archive(archive=None, cache_dir="data/raw", progress=True):
@@ -193,20 +190,30 @@ def check_split(split, images, labels):
             raise DataError(f"prepared {split} labels differ from the real CIFAR-10 ({name}).")
 
 # %% ../nbs/02_data.ipynb #c024
+_VERIFIED = set()  # identities of prepared files already checked in this process
+
+def _identity(paths): return tuple((str(p.resolve()), s.st_size, s.st_mtime_ns, s.st_ino) for p in paths for s in [p.stat()])
+
 def load_split(data_dir, split, verify=True):
     "Load prepared `split` ('train' or 'test') from `data_dir`: (images N×3×32×32 uint8, labels uint8)."
-    data_dir = Path(data_dir)
-    try: images, labels = (np.load(data_dir / f, allow_pickle=False) for f in _files(split))
+    paths = [Path(data_dir) / f for f in _files(split)]
+    try:
+        before = _identity(paths)
+        images, labels = (np.load(p, allow_pickle=False) for p in paths)
+        unchanged = _identity(paths) == before
     except (OSError, ValueError) as e:
-        raise DataError(f"no prepared CIFAR-10 in {data_dir} ({e}): run `cifarlab data --data-dir {data_dir}`.") from None
-    if verify: check_split(split, images, labels)
+        raise DataError(f"no prepared CIFAR-10 in {data_dir} ({e}): run `cifarlab data --data_dir {data_dir}`.") from None
+    # the fingerprints are checked once per process and file: where data enters, not at every later load
+    if verify and before not in _VERIFIED:
+        check_split(split, images, labels)
+        if unchanged: _VERIFIED.add(before)
     return images, labels
 
 def load_meta(data_dir):
     "The prepared folder's `meta.json` as a dict."
     try: return json.loads((Path(data_dir) / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"no prepared CIFAR-10 in {data_dir} ({e}): run `cifarlab data --data-dir {data_dir}`.") from None
+        raise DataError(f"no prepared CIFAR-10 in {data_dir} ({e}): run `cifarlab data --data_dir {data_dir}`.") from None
 
 def is_prepared(data_dir):
     "Whether `data_dir` holds complete, verified prepared data."
@@ -218,12 +225,9 @@ def is_prepared(data_dir):
 
 # %% ../nbs/02_data.ipynb #c026
 def _write_prepared(splits, dest):
-    "Write `splits` into a temporary sibling of `dest`, then rename it into place."
+    "Write `splits` and their `meta.json` as the folder `dest`, atomically."
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0); os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the prepared folder is an ordinary one
-    try:
+    with atomic_path(dest, folder=True) as tmp:
         for split, (images, labels) in splits.items():
             fi, fl = _files(split)
             np.save(tmp / fi, images); np.save(tmp / fl, labels)
@@ -232,20 +236,16 @@ def _write_prepared(splits, dest):
                 "layout": "images N x 3 x 32 x 32 uint8 (RGB), labels N uint8",
                 "train_channel_mean": mean, "train_channel_std": std}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if dest.exists(): shutil.rmtree(dest)  # only ever our own, incomplete or stale, prepared data
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp)
 
 def prepare(data_dir="data/cifar10", archive=None, progress=True):
     "Verify CIFAR-10 and write the prepared arrays to `data_dir`; returns 'prepared' or 'up to date'."
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
-        raise DataError(f"--data-dir {data_dir} is a file: give a directory.")
+        raise DataError(f"--data_dir {data_dir} is a file: give a directory.")
     if data_dir.is_dir() and any(data_dir.iterdir()):
         if is_prepared(data_dir): return "up to date"
         if not (data_dir / "meta.json").exists() and not any(data_dir.glob("*.npy")):
-            raise DataError(f"--data-dir {data_dir} holds files that are not cifarlab's prepared data: "
+            raise DataError(f"--data_dir {data_dir} holds files that are not cifarlab's prepared data: "
                             "choose an empty or new directory.")
     splits = read_archive(resolve_archive(archive, cache_dir=data_dir.parent / "raw", progress=progress), progress=progress)
     _write_prepared(splits, data_dir)
@@ -267,19 +267,39 @@ def random_flip(x, generator=None):
     flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
+def random_cutout(x, size=8, generator=None, fill=127):
+    "Set a `size`×`size` square (clipped at the border) around a random centre of each image to `fill` (mid-grey)."
+    b, _, h, w = x.shape
+    cy, cx = (torch.randint(0, n, (b, 1, 1), device=x.device, generator=generator) for n in (h, w))
+    ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+    inside = lambda v, c: (v >= c - size // 2) & (v < c - size // 2 + size)
+    return x.masked_fill((inside(ys, cy) & inside(xs, cx))[:, None], fill)
+
+AUGMENTATIONS = {  # name -> f(uint8 batch, generator, data options), applied in this order
+    "crop": lambda x, g, o: random_crop(x, o["crop_padding"], g, o["pad_mode"]),
+    "flip": lambda x, g, o: random_flip(x, g),
+    "cutout": lambda x, g, o: random_cutout(x, 8, g),
+}
+Augmentation = Literal[tuple(AUGMENTATIONS)]
+
 # %% ../nbs/02_data.ipynb #c036
+def normalization(mean, # per-channel mean on the 0–1 scale
+                  std, # per-channel standard deviation on the 0–1 scale
+                  device=None):
+    "(scale, shift), each 1×3×1×1, such that `x * scale + shift` is `(x / 255 - mean) / std` for pixel values `x`."
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    return 1 / (255 * std), -mean / std  # one fused multiply-add per pixel
+
 class TensorBatches:
     "Batches of (normalised float images, int64 labels) sliced from uint8 `images` and `labels` tensors."
-    def __init__(self, images, labels, batch_size, mean, std, shuffle=False, drop_last=False, augment="none",
+    def __init__(self, images, labels, batch_size, mean, std, shuffle=False, drop_last=False, augment=(),
                  crop_padding=4, pad_mode="reflect", seed=0, rank=0, world_size=1, epoch_fn=None):
         self.images, self.labels, self.batch_size = images, labels.long(), batch_size
-        self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
-        self.crop_padding, self.pad_mode, self.seed = crop_padding, pad_mode, seed
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.augment = [check_choice("augment", a, Augmentation) for a in augment]
+        self.options = {"crop_padding": crop_padding, "pad_mode": pad_mode}
         self.rank, self.world_size, self.epoch_fn = rank, world_size, epoch_fn
-        # normalise as x*scale + shift on the 0-255 scale: one fused multiply-add per pixel
-        std = torch.as_tensor(std, dtype=torch.float32, device=images.device)
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device)
-        self.scale, self.shift = (1 / (255 * std)).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
+        self.scale, self.shift = normalization(mean, std, images.device)
         self._epoch = 0
 
     def _indices(self, epoch):
@@ -298,9 +318,9 @@ class TensorBatches:
 
     def transform(self, x, generator=None):
         "uint8 batch -> augmented, normalised float batch."
-        # crop and flip move whole pixels, so they run on the uint8 batch (a quarter of float32's memory traffic)
-        if "crop" in self.augment: x = random_crop(x, self.crop_padding, generator, self.pad_mode)
-        if "flip" in self.augment: x = random_flip(x, generator)
+        # augmentations move or overwrite whole pixels, so they run on the uint8 batch (¼ of float32's memory traffic)
+        for name in AUGMENTATIONS:
+            if name in self.augment: x = AUGMENTATIONS[name](x, generator, self.options)
         return torch.addcmul(self.shift, x.float(), self.scale)
 
     def __iter__(self):
@@ -313,17 +333,27 @@ class TensorBatches:
             yield self.transform(self.images[j], g), self.labels[j]
 
 # %% ../nbs/02_data.ipynb #c039
+Normalization = Literal["dataset", "half"]
+PadMode = Literal["reflect", "constant", "replicate"]
+
 class CIFAR10DataModule(L.LightningDataModule):
     "CIFAR-10 as whole-split tensors on the training device, with batched augmentation."
-    def __init__(self, data_dir: str = "data/cifar10", batch_size: int = 512, val_size: int = 5000, seed: int = 42,
-                 augment: str = "crop+flip", crop_padding: int = 4, pad_mode: str = "reflect",
-                 normalize: str = "dataset", subset: int | None = None, eval_batch_size: int | None = None,
-                 archive: str | None = None):
+    def __init__(self,
+                 data_dir:str="data/cifar10", # the prepared arrays (`cifarlab data` writes them)
+                 batch_size:int=512, # training batch size (per device)
+                 val_size:int=5000, # training images held out for validation, chosen by `seed`
+                 seed:int=42, # the validation split and the order of batches
+                 augment:list[Augmentation]=["crop", "flip"], # training augmentations, from `AUGMENTATIONS`
+                 crop_padding:int=4, # pixels of padding around an image before a random crop
+                 pad_mode:PadMode="reflect", # how the crop's padding is filled
+                 normalize:Normalization="dataset", # the training split's channel statistics, or the seed's 0.5s
+                 subset:int|None=None, # keep the first N images of each split (quick trials and tests)
+                 eval_batch_size:int|None=None, # batch size for validation and test (default: `batch_size`)
+                 archive:str|None=None, # the archive to prepare from when `data_dir` is empty
+                ):
         super().__init__()
-        if augment not in ("none", "flip", "crop", "crop+flip"):
-            raise ValueError(f"augment must be 'none', 'flip', 'crop' or 'crop+flip', not {augment!r}")
-        if normalize not in ("dataset", "half"):
-            raise ValueError(f"normalize must be 'dataset' or 'half', not {normalize!r}")
+        for a in augment: check_choice("augment", a, Augmentation)
+        check_choice("normalize", normalize, Normalization); check_choice("pad_mode", pad_mode, PadMode)
         if not 0 <= val_size < 50_000: raise ValueError(f"val_size must be in 0..49999, not {val_size}")
         self.save_hyperparameters()
         self.splits = None
@@ -354,7 +384,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         hp, trainer = self.hparams, self.trainer
         x, y = self.splits[split]
         return TensorBatches(x, y, hp.batch_size if train else (hp.eval_batch_size or hp.batch_size), self.mean, self.std,
-                             shuffle=train, drop_last=train, augment=hp.augment if train else "none",
+                             shuffle=train, drop_last=train, augment=hp.augment if train else (),
                              crop_padding=hp.crop_padding, pad_mode=hp.pad_mode, seed=hp.seed,
                              rank=trainer.global_rank if train and trainer else 0,
                              world_size=trainer.world_size if train and trainer else 1,
@@ -367,21 +397,16 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def train_images(self, n: int | None = None):
         "The first `n` training images (all if None), normalised as the model sees them, without augmentation."
-        x, y = self.splits["train"]
-        return TensorBatches(x[:n], y[:n], len(x[:n]), self.mean, self.std).transform(x[:n])
+        x = self.splits["train"][0][:n]
+        scale, shift = normalization(self.mean, self.std, x.device)
+        return torch.addcmul(shift, x.float(), scale)
 
 # %% ../nbs/02_data.ipynb #c043
-def main(argv=None):
-    "Entry point of `cifarlab data`."
-    p = argparse.ArgumentParser(prog="cifarlab data", description="Acquire, verify and prepare CIFAR-10.")
-    p.add_argument("--archive", help=f"path of cifar-10-python.tar.gz (default: ${ARCHIVE_ENV}, else download the official archive)")
-    p.add_argument("--data-dir", default="data/cifar10", help="where to write the prepared arrays (default: data/cifar10)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    try: status = prepare(args.data_dir, args.archive, progress=not args.quiet)
-    except DataError as e:
-        print(f"cifarlab data: error: {e}", file=sys.stderr)
-        return 1
-    if status == "up to date": print(f"{args.data_dir}: CIFAR-10 already prepared and verified; nothing to do.")
-    else: print(f"{args.data_dir}: CIFAR-10 verified and prepared (50000 train, 10000 test images).")
-    return 0
+def data_command(archive:str|None=None, # path of cifar-10-python.tar.gz (default: $CIFARLAB_ARCHIVE, else the official download)
+                 data_dir:str="data/cifar10", # where to write the prepared arrays
+                 quiet:store_true=False, # no progress bars
+                ):
+    "Acquire, verify and prepare CIFAR-10."
+    if prepare(data_dir, archive, progress=not quiet) == "up to date":
+        print(f"{data_dir}: CIFAR-10 already prepared and verified; nothing to do.")
+    else: print(f"{data_dir}: CIFAR-10 verified and prepared (50000 train, 10000 test images).")

@@ -5,17 +5,63 @@
 # %% ../nbs/00_env.ipynb #c003
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
+from json import dumps
 import os
 import platform
-import sys
+import tempfile
 import time
+import typing
 from importlib import metadata
+from pathlib import Path
+
+from fastcore.script import store_true
 
 # %% auto #0
-__all__ = ['REQUIRED_PACKAGES', 'package_versions', 'cpu_name', 'detect_accelerator', 'matmul_check', 'env_report',
-           'format_report', 'main']
+__all__ = ['REQUIRED_PACKAGES', 'CifarlabError', 'check_choice', 'atomic_path', 'package_versions', 'cpu_name',
+           'detect_accelerator', 'synchronize', 'matmul_check', 'env_report', 'format_env_report', 'env_command']
+
+# %% ../nbs/00_env.ipynb #c031
+class CifarlabError(Exception):
+    "A problem a person can fix: the message says what is wrong and what to do."
+
+def check_choice(name:str, # the option's name, for the message
+                 value, # the value given
+                 choices, # a `typing.Literal[...]` type listing the allowed values
+                ):
+    "Return `value` if it is one of the `Literal` type `choices`' values; else raise `ValueError` naming them."
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
+    return value
+
+# %% ../nbs/00_env.ipynb #c033
+@contextlib.contextmanager
+def atomic_path(dest, # the file or folder to write
+                folder:bool=False, # write a folder rather than a file
+               ):
+    "Yield a temporary sibling of `dest` to write; on success it replaces `dest` (synced to disk), on failure it is removed."
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        raise CifarlabError(f"cannot write {dest}: folder {dest.parent} does not exist.")
+    make = tempfile.mkdtemp if folder else tempfile.mkstemp
+    made = make(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    tmp = Path(made if folder else made[1])
+    if not folder: os.close(made[0])
+    try:
+        yield tmp
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkstemp/mkdtemp make it private; ours is an ordinary one
+        for f in (tmp.rglob("*") if folder else [tmp]):
+            if f.is_file():
+                with open(f, "rb") as fh: os.fsync(fh.fileno())
+        if folder and dest.exists():
+            import shutil; shutil.rmtree(dest)  # a folder cannot be renamed over a non-empty one
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            if folder: import shutil; shutil.rmtree(tmp)
+            else: tmp.unlink()
 
 # %% ../nbs/00_env.ipynb #c006
 REQUIRED_PACKAGES = ("torch", "torchvision", "lightning", "onnx", "onnxruntime", "dvc",
@@ -55,8 +101,11 @@ def detect_accelerator():
     return info
 
 # %% ../nbs/00_env.ipynb #c013
-def _sync(device):
+def synchronize(device:str|None=None, # "cuda", "cuda:N" or "mps"; None: the CUDA device when there is one
+               ):
+    "Wait for the work queued on an asynchronous `device`, so a clock read afterwards measures it (no-op on the CPU)."
     import torch
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"): torch.cuda.synchronize(device)
     elif device == "mps": torch.mps.synchronize()
 
@@ -67,10 +116,10 @@ def matmul_check(device="cpu", n=1000, repeats=5, tol=1e-3, matmul=None):
     gen = torch.Generator().manual_seed(0)
     a64, b64 = torch.randn(n, n, generator=gen, dtype=torch.float64), torch.randn(n, n, generator=gen, dtype=torch.float64)
     a, b = a64.float().to(device), b64.float().to(device)
-    matmul(a, b); _sync(device)  # warm-up: first calls pay for kernel selection and allocation
+    matmul(a, b); synchronize(device)  # warm-up: first calls pay for kernel selection and allocation
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter(); c = matmul(a, b); _sync(device); times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); c = matmul(a, b); synchronize(device); times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]
     ref = a64 @ b64
     rel_err = float(torch.linalg.norm(c.double().cpu() - ref) / torch.linalg.norm(ref))
@@ -102,7 +151,7 @@ def env_report(required=REQUIRED_PACKAGES, device=None, n=1000):
     return report
 
 # %% ../nbs/00_env.ipynb #c019
-def format_report(report):
+def format_env_report(report):
     "Render `report` (from `env_report`) as readable text."
     lines = [f"{'python':<12} {report['python']}", f"{'platform':<12} {report['platform']}", "", "packages"]
     lines += [f"  {k:<12} {v or 'MISSING'}" for k, v in report["packages"].items()]
@@ -122,14 +171,13 @@ def format_report(report):
     return "\n".join(lines)
 
 # %% ../nbs/00_env.ipynb #c023
-def main(argv=None, required=REQUIRED_PACKAGES):
-    "Entry point of `cifarlab env`; returns the exit status."
-    p = argparse.ArgumentParser(prog="cifarlab env", description="Report versions, the accelerator and a checked matrix product.")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--device", default=None, help="device for the matrix product (default: the detected accelerator)")
-    p.add_argument("--size", type=int, default=1000, help="matrix size n for the n×n product (default: 1000)")
-    args = p.parse_args(argv)
-    report = env_report(required=required, device=args.device, n=args.size)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+def env_command(json:store_true=False, # print one JSON object instead of text
+                device:str|None=None, # device for the matrix product (default: the detected accelerator)
+                size:int=1000, # matrix size n for the n×n product
+               ):
+    "Report versions, the accelerator and a checked matrix product; exit status 1 when something is wrong."
+    import sys
+    report = env_report(device=device, n=size)
+    print(dumps(report, indent=2) if json else format_env_report(report))
     for problem in report["problems"]: print(f"cifarlab env: {problem}", file=sys.stderr)
     return 0 if report["ok"] else 1

@@ -6,52 +6,63 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
-from .data import CIFAR10DataModule
+from .env import CifarlabError, atomic_path, synchronize
+from .data import CLASSES, CIFAR10DataModule
 from .model import Classifier
 
 # %% auto #0
-__all__ = ['RunCheckpoint', 'CifarCLI', 'fit', 'validate', 'test', 'PipelineLogger', 'run_recipe', 'load_curves',
-           'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_main', 'write_results']
+__all__ = ['run_checkpoints', 'quiet_lightning', 'CifarCLI', 'fit', 'validate', 'test', 'PipelineLogger', 'recipe_objects',
+           'run_recipe', 'load_curves', 'CheckpointError', 'read_checkpoint', 'load_run', 'predict_logits',
+           'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_command', 'write_results']
 
 # %% ../nbs/04_experiments.ipynb #c006
-class RunCheckpoint(ModelCheckpoint):
-    "Checkpoints in `<trainer.default_root_dir>/checkpoints`: with `monitor`, the best by it; without, every epoch's `last.ckpt`."
-    def __init__(self, monitor: str | None = None, mode: str = "max", dirpath: str | None = None):
-        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=1, save_last=monitor is None,
-                         filename="best-epoch{epoch}-val_acc{val_acc:.4f}" if monitor else "epoch{epoch}",
-                         auto_insert_metric_name=False,
-                         # a resumed run overwrites its files rather than writing -v1 copies beside them
-                         enable_version_counter=False)
-
-    def _set_dirpath(self, trainer):
-        if self.dirpath is None: self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
-
-    def setup(self, trainer, pl_module, stage):
-        self._set_dirpath(trainer); super().setup(trainer, pl_module, stage)
-
-    def _find_last_checkpoints(self, trainer):  # called before `setup` when resuming with ckpt_path="last"
-        self._set_dirpath(trainer); return super()._find_last_checkpoints(trainer)
+def run_checkpoints(root_dir):
+    "A run's two checkpoint callbacks, both in `<root_dir>/checkpoints`: the best epoch by `val_acc`, and `last.ckpt`."
+    # a resumed run overwrites its files rather than writing -v1 copies beside them
+    kw = dict(dirpath=Path(root_dir) / "checkpoints", auto_insert_metric_name=False, enable_version_counter=False)
+    return [ModelCheckpoint(monitor="val_acc", mode="max", filename="best-epoch{epoch}-val_acc{val_acc:.4f}", **kw),
+            ModelCheckpoint(save_last=True, filename="epoch{epoch}", **kw)]
 
 # %% ../nbs/04_experiments.ipynb #c008
+class _DropTip(logging.Filter):
+    def filter(self, record): return not record.getMessage().startswith("💡 Tip")  # an advertisement, not a fact of the run
+
+def quiet_lightning():
+    "Silence the lines Lightning prints that a cifarlab user can do nothing about; every other message stays."
+    # Lightning 2.6 calls a torch API that torch deprecated (Lightning's to fix, not ours)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # the summary counts parameters in float32 under bf16 autocast: the sizes it prints are right for the weights
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+    # Lightning 2.6's checkpoint loader calls a jsonargparse method that jsonargparse 4.49 deprecated
+    warnings.filterwarnings("ignore", message=r"``instantiate_classes`` was deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+
 class CifarCLI(LightningCLI):
-    "LightningCLI for cifarlab: `Classifier` + `CIFAR10DataModule`, checkpoints under `<default_root_dir>/checkpoints`."
+    "LightningCLI for cifarlab: `Classifier` + `CIFAR10DataModule`, logs and checkpoints under `<default_root_dir>`."
     def __init__(self, args=None, run=True, **kwargs):
+        quiet_lightning()
         super().__init__(Classifier, CIFAR10DataModule, args=args, run=run,
-                         trainer_defaults={"default_root_dir": "runs/default",
-                                           "callbacks": [RunCheckpoint("val_acc"), RunCheckpoint()]},
+                         trainer_defaults={"default_root_dir": "runs/default"},
                          save_config_kwargs={"overwrite": True}, **kwargs)
 
-from contextlib import contextmanager
+    def instantiate_trainer(self, **kwargs):
+        trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
+        callbacks = [*(trainer.callbacks or []), *run_checkpoints(trainer.default_root_dir)]
+        # Lightning's default logger, named: a CSV file per run (it warns about TensorBoard when left to choose)
+        logger = CSVLogger(trainer.default_root_dir) if trainer.logger in (None, True) else trainer.logger
+        return super().instantiate_trainer(**kwargs, callbacks=callbacks, logger=logger)
 
 @contextmanager
 def _args_only():
@@ -93,18 +104,19 @@ class PipelineLogger(DVCLiveLogger):
     def save_dir(self): return self._dir  # Lightning saves the run's resolved config.yaml here
 
 # %% ../nbs/04_experiments.ipynb #c010
-def _sync():
-    if torch.cuda.is_available(): torch.cuda.synchronize()
+def recipe_objects(config, *overrides):
+    "The (trainer, model, datamodule) that `cifarlab fit -c config *overrides` would build, unstarted."
+    with _args_only(): cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
+    return cli.trainer, cli.model, cli.datamodule
 
 def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
     "Fit `config` with command-line style `overrides` (and extra Lightning `callbacks`), test it, and return a record of the run."
     t0 = time.perf_counter()
-    with _args_only(): cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
-    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    trainer, model, dm = recipe_objects(config, *overrides)
     trainer.callbacks.extend(callbacks)
-    _sync(); t_fit = time.perf_counter()
+    synchronize(); t_fit = time.perf_counter()
     trainer.fit(model, datamodule=dm)
-    _sync(); train_s = time.perf_counter() - t_fit
+    synchronize(); train_s = time.perf_counter() - t_fit
     record = {"recipe": name or Path(config).stem, "config": str(config), "overrides": list(overrides),
               "epochs": trainer.current_epoch, "train_time_s": train_s,
               "images_trained": trainer.global_step * dm.hparams.batch_size * trainer.world_size,
@@ -114,7 +126,7 @@ def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
     if test:
         trainer.test(model, datamodule=dm, verbose=False)
         record["test_acc"] = _metric(trainer, "test_acc")
-    _sync(); record["wall_time_s"] = time.perf_counter() - t0
+    synchronize(); record["wall_time_s"] = time.perf_counter() - t0
     return record
 
 def _metric(trainer, key):
@@ -129,37 +141,67 @@ def load_curves(log_dir):
     cols = [c for c in ("train_loss", "train_acc", "val_loss", "val_acc") if c in m]
     return m.groupby("epoch")[cols].mean().dropna(how="all").reset_index()  # test rows carry no curve
 
-def _load_checkpoint(checkpoint, data_dir=None):
-    "(model, datamodule) rebuilt from a checkpoint of ours, ready to predict on the CPU."
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors and plain data only
-    model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    dm_args = {k: v for k, v in ckpt.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
-    if data_dir: dm_args["data_dir"] = str(data_dir)
-    dm = CIFAR10DataModule(**dm_args); dm.setup("test")
+class CheckpointError(CifarlabError):
+    "A checkpoint is missing, unreadable or not a cifarlab run's; the message says which."
+
+def _first_line(e): return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+def read_checkpoint(path):
+    "The checkpoint at `path` as plain data, loaded without running code from the file and checked to be a cifarlab run's."
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: give the path of a .ckpt file written by `cifarlab fit` "
+                              "(e.g. runs/exp1/checkpoints/last.ckpt).")
+    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as e: raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}).") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "datamodule_hyper_parameters"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a checkpoint of a cifarlab run: write one with `cifarlab fit`.")
+    return ckpt
+
+def load_run(checkpoint, # a checkpoint written by `cifarlab fit`
+             data_dir=None, # prepared data to use instead of the run's own `data.data_dir`
+            ):
+    "The run's `Classifier` (evaluation mode) and `CIFAR10DataModule` (set up), rebuilt on the CPU from `checkpoint`."
+    read_checkpoint(checkpoint)
+    quiet_lightning()
+    # the whole test split, whatever subset the run trained on (a subset keeps the first N: the same images first)
+    override = {"subset": None, **({"data_dir": str(data_dir)} if data_dir else {})}
+    try:
+        model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+        dm = CIFAR10DataModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **override)
+    except Exception as e:
+        raise CheckpointError(f"cannot rebuild the run in {checkpoint} ({_first_line(e)}): was it written by this "
+                              "version of cifarlab?") from None
+    dm.setup("test")
     return model, dm
 
-@torch.no_grad()
+@torch.inference_mode()
+def predict_logits(model, dm, limit=None):
+    "Logits (N×10, float32) of `model` on the first `limit` images (default: all) of `dm`'s test split, and their labels."
+    logits, labels = [], []
+    for x, y in dm.test_dataloader():
+        if limit is not None and sum(map(len, labels)) >= limit: break
+        logits.append(model.predict_step((x, y)).float()); labels.append(y)
+    return torch.cat(logits)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
+
 def test_predictions(checkpoint, data_dir=None):
     "Softmax probabilities (N×10) and labels (N) of the checkpoint's model on the whole test split."
-    model, dm = _load_checkpoint(checkpoint, data_dir)
-    probs, labels = [], []
-    for x, y in dm.test_dataloader():
-        probs.append(model.predict_step((x, y), 0).softmax(1)); labels.append(y)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    logits, labels = predict_logits(*load_run(checkpoint, data_dir))
+    return torch.from_numpy(logits).softmax(1).numpy(), labels
 
 def confusion_matrix(preds, labels, n_classes=10):
-    "Counts[i, j] of test images of class i predicted as class j."
-    return np.bincount(np.asarray(labels) * n_classes + np.asarray(preds), minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    "Counts[i, j] of test images of class i predicted as class j (torchmetrics)."
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+    return multiclass_confusion_matrix(torch.as_tensor(preds), torch.as_tensor(labels), n_classes).numpy()
 
 # %% ../nbs/04_experiments.ipynb #c017
 def evaluate(checkpoint, data_dir=None, out_dir="dvclive/evaluate"):
     "Test a checkpoint; log accuracy, per-class accuracy and the confusion matrix with DVCLive in `out_dir`."
-    from cifarlab.data import CLASSES
     from dvclive import Live
     probs, labels = test_predictions(checkpoint, data_dir)
     preds = probs.argmax(1)
     cm = confusion_matrix(preds, labels)
-    metrics = {"test_acc": float((preds == labels).mean()),
+    metrics = {"test_acc": float(cm.trace() / cm.sum()),
                **{f"acc_{c}": float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}}
     with Live(out_dir, dvcyaml=False, save_dvc_exp=False) as live:
         for k, v in metrics.items(): live.log_metric(k, v, plot=False)
@@ -167,22 +209,16 @@ def evaluate(checkpoint, data_dir=None, out_dir="dvclive/evaluate"):
                       x="actual", y="predicted", template="confusion", title="Test confusion matrix")
     return metrics
 
-def evaluate_main(argv=None):
-    "Entry point of `cifarlab evaluate`."
-    import argparse
-    p = argparse.ArgumentParser(prog="cifarlab evaluate", description="Evaluate a checkpoint on the test split and log the metrics with DVCLive.")
-    p.add_argument("checkpoint"); p.add_argument("--data-dir", default=None, help="prepared data (default: the run's own)")
-    p.add_argument("--out-dir", default="dvclive/evaluate")
-    args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        print(f"cifarlab evaluate: error: no checkpoint at {args.checkpoint}", file=sys.stderr); return 1
-    m = evaluate(args.checkpoint, args.data_dir, args.out_dir)
+def evaluate_command(checkpoint:str, # a checkpoint written by `cifarlab fit`
+                     data_dir:str|None=None, # prepared data (default: the run's own)
+                     out_dir:str="dvclive/evaluate", # where DVCLive writes the metrics and plots
+                    ):
+    "Evaluate a checkpoint on the test split and log the metrics with DVCLive."
+    m = evaluate(checkpoint, data_dir, out_dir)
     print(f"test accuracy: {m['test_acc']:.4f}")
-    return 0
 
 # %% ../nbs/04_experiments.ipynb #c020
 def write_results(records, path="results/experiments.json"):
-    "Write run records as JSON (atomically: a temporary file renamed into place)."
+    "Write run records as JSON, atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=2) + "\n"); os.replace(tmp, path)
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(records, indent=2) + "\n")

@@ -5,15 +5,10 @@
 # %% ../nbs/05_onnx.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
-import os
-import sys
-import tempfile
+import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,60 +16,39 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from fastcore.script import store_true
 
-from .data import CLASSES, CIFAR10DataModule, DataError, TensorBatches
-from .model import Classifier
+from .env import CifarlabError, atomic_path
+from .data import CLASSES, normalization
+from .experiments import load_run, predict_logits, read_checkpoint
+from .serve import CONTRACT_KEY  # the service reads what the export writes: one name for the key
 
 # %% auto #0
-__all__ = ['CONTRACT_KEY', 'INPUT', 'OUTPUT', 'OPSET', 'ExportError', 'sha256_file', 'read_checkpoint', 'load_model',
-           'Deployable', 'torch_logits', 'contract', 'export_onnx', 'read_contract', 'export_checkpoint', 'ort_session',
-           'ort_logits', 'verify', 'export_main', 'format_report', 'verify_main']
+__all__ = ['INPUT', 'OUTPUT', 'OPSET', 'ExportError', 'sha256_file', 'checkpoint_facts', 'Deployable', 'contract', 'export_onnx',
+           'read_contract', 'export_checkpoint', 'ort_session', 'ort_logits', 'verify', 'export_command',
+           'format_verify_report', 'verify_command']
 
 # %% ../nbs/05_onnx.ipynb #c008
-CONTRACT_KEY = "cifarlab"  # the metadata_props key holding the contract (JSON)
 INPUT, OUTPUT = "image", "logits"
-OPSET = 17
+OPSET = 18
 
-class ExportError(Exception):
+class ExportError(CifarlabError):
     "A checkpoint or model file cannot be exported or verified; the message says why and what to do."
-
-def sha256_file(path):
-    "Hex sha256 of the file at `path`."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20): h.update(chunk)
-    return h.hexdigest()
 
 def _first_line(e): return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
-def read_checkpoint(path):
-    "The facts of Lightning checkpoint `path` that the export needs, read without running code from the file."
-    path = Path(path)
-    if not path.is_file(): raise ExportError(f"checkpoint {path} does not exist: give the path of a .ckpt file "
-                                             "written by `cifarlab fit` (e.g. runs/exp1/checkpoints/last.ckpt).")
-    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ExportError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}).") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
-        raise ExportError(f"{path} is not a Lightning checkpoint of a cifarlab Classifier.")
-    data = ckpt.get("datamodule_hyper_parameters") or {}
-    if data.get("normalize") not in ("half", "dataset"):
-        raise ExportError(f"{path} does not record the data module's `normalize` setting, so the input normalisation "
-                          "is unknown: export checkpoints written by `cifarlab fit`.")
-    hp = ckpt["hyper_parameters"]
+def sha256_file(path):
+    "Hex sha256 of the file at `path`."
+    with open(path, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
+
+def checkpoint_facts(path):
+    "What an export records of checkpoint `path`: its sha256, epoch and step, normalisation, test-time augmentation, network."
+    ckpt = read_checkpoint(path)
+    hp, data = ckpt["hyper_parameters"], ckpt["datamodule_hyper_parameters"]
     net = hp.get("net")
     return {"checkpoint": str(path), "sha256": sha256_file(path), "epoch": ckpt.get("epoch"),
-            "global_step": ckpt.get("global_step"), "normalize": data["normalize"], "tta": hp.get("tta", "none"),
-            "net": net.get("class_path") if isinstance(net, dict) else type(net).__name__}
-
-def load_model(ckpt):
-    "The `Classifier` in checkpoint `ckpt` (one `cifarlab fit` wrote), in evaluation mode on the CPU."
-    with warnings.catch_warnings():
-        # Lightning notes that the hyperparameter `net` is a module: it is, by design (it is how the net is rebuilt)
-        warnings.filterwarnings("ignore", message="Attribute 'net' is an instance")
-        try: return Classifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
-        except Exception as e:
-            raise ExportError(f"cannot rebuild the model in {ckpt} ({_first_line(e)}): is it a cifarlab Classifier?") from None
+            "global_step": ckpt.get("global_step"), "normalize": data.get("normalize"), "tta": hp.get("tta", "none"),
+            "net": net.get("class_path") if isinstance(net, dict) else None}
 
 # %% ../nbs/05_onnx.ipynb #c011
 class Deployable(nn.Module):
@@ -82,20 +56,11 @@ class Deployable(nn.Module):
     def __init__(self, model, mean, std):
         super().__init__()
         self.model = model
-        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1 / (255 * std))
-        self.register_buffer("shift", -mean / std)
+        scale, shift = normalization(mean, std)
+        self.register_buffer("scale", scale); self.register_buffer("shift", shift)
 
     def forward(self, image):
-        return self.model.predict_step((torch.addcmul(self.shift, image.float(), self.scale),), 0)
-
-@torch.inference_mode()
-def torch_logits(model, images, mean, std, batch_size=500):
-    "Logits of the PyTorch `model` for uint8 `images`, batched and normalised by the data module's own loader."
-    x = torch.as_tensor(images)
-    batches = TensorBatches(x, torch.zeros(len(x), dtype=torch.long), batch_size, mean, std)
-    return torch.cat([model.predict_step(b, i) for i, b in enumerate(batches)]).numpy()
+        return self.model.predict_step((torch.addcmul(self.shift, image.float(), self.scale),))
 
 # %% ../nbs/05_onnx.ipynb #c015
 def contract(classes, mean, std, normalize, tta, test_accuracy=None, test_images=0, source=None, size=(32, 32),
@@ -119,46 +84,27 @@ def contract(classes, mean, std, normalize, tta, test_accuracy=None, test_images
         "source": source or {},
     }
 
-def _writable(path):
-    path = Path(path)
-    if not path.parent.is_dir(): raise ExportError(f"cannot write {path}: folder {path.parent} does not exist.")
-    return path
-
-def _atomic_write(path, data):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is an ordinary one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 def export_onnx(model, path, mean, std, facts, opset=OPSET):
     "Write `model` with its normalisation to ONNX at `path` (atomically); `facts` becomes its metadata. Returns it."
-    path = _writable(path)
     module = Deployable(model.cpu().eval(), mean, std).eval()
     example = torch.zeros(2, 3, facts["input"]["height"], facts["input"]["width"], dtype=torch.uint8)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notices
-        try: torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT],
-                               output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-        except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {_first_line(e)}") from None
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.helper.set_model_props(proto, {CONTRACT_KEY: json.dumps(facts)})
-    proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
-    try: onnx.checker.check_model(proto)
+    logging.getLogger("torch.onnx").setLevel(logging.WARNING)
+    try:
+        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
+                                    output_names=[OUTPUT], dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                                    verbose=False)
+        proto = program.model_proto
+        onnx.helper.set_model_props(proto, {CONTRACT_KEY: json.dumps(facts)})
+        proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
+        onnx.checker.check_model(proto)
     except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {_first_line(e)}") from None
-    _atomic_write(path, proto.SerializeToString())
+    with atomic_path(path) as tmp: tmp.write_bytes(proto.SerializeToString())
     return facts
 
 def read_contract(path):
     "The contract stored in the ONNX model at `path`."
     path = Path(path)
-    if not path.is_file(): raise ExportError(f"model {path} does not exist: write it with `cifarlab export CKPT -o {path}`.")
+    if not path.is_file(): raise ExportError(f"model {path} does not exist: write it with `cifarlab export CKPT --output {path}`.")
     try: proto = onnx.load(str(path), load_external_data=False)
     except Exception as e: raise ExportError(f"{path} is not an ONNX model ({_first_line(e)}).") from None
     props = {p.key: p.value for p in proto.metadata_props}
@@ -168,23 +114,15 @@ def read_contract(path):
     except ValueError as e: raise ExportError(f"{path}: its cifarlab contract is not valid JSON ({e}).") from None
 
 # %% ../nbs/05_onnx.ipynb #c019
-def _test_split(data_dir, normalize, limit=None):
-    dm = CIFAR10DataModule(data_dir=str(data_dir), normalize=normalize)
-    try: dm.setup("test")
-    except DataError as e: raise ExportError(str(e)) from None
-    x, y = (t.numpy() for t in dm.splits["test"])
-    return x[:limit], y[:limit], dm.mean, dm.std
-
-def export_checkpoint(ckpt, out="model.onnx", data_dir="data/cifar10", limit=None, opset=OPSET):
+def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=OPSET):
     "Export Lightning checkpoint `ckpt` to ONNX file `out`, its test accuracy measured on `data_dir`'s test split."
-    _writable(out)  # before the work, not after
-    facts = read_checkpoint(ckpt)
-    x, y, mean, std = _test_split(data_dir, facts["normalize"], limit)
-    model = load_model(ckpt)
-    acc = float((torch_logits(model, x, mean, std).argmax(1) == y).mean())
-    c = contract(CLASSES, mean, std, facts["normalize"], facts["tta"], test_accuracy=acc, test_images=len(y),
-                 source=facts)
-    return export_onnx(model, out, mean, std, c, opset=opset)
+    with atomic_path(out) as tmp:  # opened first: a missing output folder fails before the work, not after
+        facts = checkpoint_facts(ckpt)
+        model, dm = load_run(ckpt, data_dir)
+        logits, labels = predict_logits(model, dm, limit)
+        c = contract(CLASSES, dm.mean, dm.std, facts["normalize"], facts["tta"],
+                     test_accuracy=float((logits.argmax(1) == labels).mean()), test_images=len(labels), source=facts)
+        return export_onnx(model, tmp, dm.mean, dm.std, c, opset=opset)
 
 # %% ../nbs/05_onnx.ipynb #c022
 def ort_session(path, threads=None):
@@ -199,22 +137,22 @@ def ort_logits(session, images, batch_size=500):
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i:i + batch_size]})[0] for i in range(0, len(images), batch_size)])
 
-def verify(model_path, ckpt=None, data_dir="data/cifar10", limit=None, atol=1e-3, acc_tol=1e-3):
+def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=1e-3):
     "Compare ONNX model `model_path` with its PyTorch checkpoint on the test split; a report with `passed`."
     c = read_contract(model_path)
     source = c.get("source") or {}
     ckpt = ckpt or source.get("checkpoint")
     if not ckpt: raise ExportError(f"{model_path} records no checkpoint: pass --ckpt with the one it was exported from.")
-    facts = read_checkpoint(ckpt)
+    facts = checkpoint_facts(ckpt)
     if facts["sha256"] != source.get("sha256"):
         raise ExportError(f"{model_path} was not exported from {ckpt} (sha256 {facts['sha256'][:12]}..., the model "
                           f"records {str(source.get('sha256'))[:12]}...): pass --ckpt with its checkpoint.")
-    x, y, mean, std = _test_split(data_dir, facts["normalize"], limit)
+    model, dm = load_run(ckpt, data_dir)
+    x = dm.splits["test"][0][:limit].numpy()
     sess = ort_session(model_path)
     t0 = time.perf_counter(); got = ort_logits(sess, x); t_ort = time.perf_counter() - t0
     singles = np.concatenate([ort_logits(sess, x[i:i + 1]) for i in range(min(4, len(x)))])
-    model = load_model(ckpt)
-    t0 = time.perf_counter(); ref = torch_logits(model, x, mean, std); t_torch = time.perf_counter() - t0
+    t0 = time.perf_counter(); ref, y = predict_logits(model, dm, limit); t_torch = time.perf_counter() - t0
     diff = float(max(np.abs(got - ref).max(), np.abs(singles - ref[:len(singles)]).max()))
     acc_ort, acc_torch = float((got.argmax(1) == y).mean()), float((ref.argmax(1) == y).mean())
     checks = {"logits": diff <= atol, "accuracy": abs(acc_ort - acc_torch) <= acc_tol}
@@ -227,29 +165,20 @@ def verify(model_path, ckpt=None, data_dir="data/cifar10", limit=None, atol=1e-3
             "seconds": {"onnxruntime": t_ort, "torch": t_torch}}
 
 # %% ../nbs/05_onnx.ipynb #c026
-def _fail(cmd, e):
-    print(f"cifarlab {cmd}: error: {e}", file=sys.stderr)
-    return 1
-
-def export_main(argv=None):
-    "Entry point of `cifarlab export`."
-    p = argparse.ArgumentParser(prog="cifarlab export", description="Export a checkpoint to ONNX, preprocessing in the "
-                                "graph and the contract (classes, normalisation, test accuracy) in its metadata.")
-    p.add_argument("ckpt", help="Lightning checkpoint written by `cifarlab fit`")
-    p.add_argument("-o", "--output", default="model.onnx", help="the ONNX file to write (default: model.onnx)")
-    p.add_argument("--data-dir", default="data/cifar10", help="prepared CIFAR-10, for the test accuracy (default: data/cifar10)")
-    p.add_argument("--limit", type=int, help="measure the test accuracy on the first N test images only")
-    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
-    args = p.parse_args(argv)
+def export_command(ckpt:str, # Lightning checkpoint written by `cifarlab fit`
+                   output:str="model.onnx", # the ONNX file to write
+                   data_dir:str|None=None, # prepared CIFAR-10 for the test accuracy (default: the run's own)
+                   limit:int|None=None, # measure the test accuracy on the first N test images only
+                   opset:int=OPSET, # ONNX opset
+                  ):
+    "Export a checkpoint to ONNX, preprocessing in the graph and the contract (classes, normalisation, test accuracy) in its metadata."
     t0 = time.perf_counter()
-    try: c = export_checkpoint(args.ckpt, args.output, args.data_dir, args.limit, args.opset)
-    except ExportError as e: return _fail("export", e)
-    print(f"{args.output}: exported {args.ckpt} in {time.perf_counter() - t0:.1f} s "
-          f"(test accuracy {c['test_accuracy']:.4f} on {c['test_images']} images, normalisation {c['normalisation']['setting']}, "
-          f"sha256 {sha256_file(args.output)[:12]})")
-    return 0
+    print(f"exporting {ckpt}: rebuilding the run, measuring its test accuracy, writing the graph ...", flush=True)
+    c = export_checkpoint(ckpt, output, data_dir, limit, opset)
+    print(f"{output}: exported {ckpt} in {time.perf_counter() - t0:.1f} s (test accuracy {c['test_accuracy']:.4f} on "
+          f"{c['test_images']} images, normalisation {c['normalisation']['setting']}, sha256 {sha256_file(output)[:12]})")
 
-def format_report(r):
+def format_verify_report(r):
     "The verify report as the lines `cifarlab verify` prints."
     ok = lambda k: "ok" if r["checks"][k] else "FAILED"
     t = r["tolerances"]
@@ -264,22 +193,18 @@ def format_report(r):
     lines.append("verify: " + ("passed" if r["passed"] else "FAILED"))
     return "\n".join(lines)
 
-def verify_main(argv=None):
-    "Entry point of `cifarlab verify`."
-    p = argparse.ArgumentParser(prog="cifarlab verify", description="Run an exported model with ONNX Runtime on the "
-                                "CIFAR-10 test set and compare it with its PyTorch checkpoint.")
-    p.add_argument("model", help="ONNX file written by `cifarlab export`")
-    p.add_argument("--ckpt", help="its checkpoint (default: the path recorded in the model)")
-    p.add_argument("--data-dir", default="data/cifar10", help="prepared CIFAR-10 (default: data/cifar10)")
-    p.add_argument("--limit", type=int, help="compare on the first N test images only (default: all 10,000)")
-    p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference| (default: 1e-3)")
-    p.add_argument("--acc-tol", type=float, default=1e-3, help="largest allowed accuracy difference (default: 0.001)")
-    p.add_argument("--report", type=Path, help="also write the numbers to this JSON file")
-    args = p.parse_args(argv)
-    try: r = verify(args.model, args.ckpt, args.data_dir, args.limit, args.atol, args.acc_tol)
-    except ExportError as e: return _fail("verify", e)
-    print(format_report(r))
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(args.report, (json.dumps(r, indent=2) + "\n").encode())
+def verify_command(model:str, # ONNX file written by `cifarlab export`
+                   ckpt:str|None=None, # its checkpoint (default: the path recorded in the model)
+                   data_dir:str|None=None, # prepared CIFAR-10 (default: the run's own)
+                   limit:int|None=None, # compare on the first N test images only (default: all 10,000)
+                   atol:float=1e-3, # largest allowed |logit difference|
+                   acc_tol:float=1e-3, # largest allowed accuracy difference
+                   report:str|None=None, # also write the numbers to this JSON file
+                  ):
+    "Run an exported model with ONNX Runtime on the CIFAR-10 test set and compare it with its PyTorch checkpoint."
+    r = verify(model, ckpt, data_dir, limit, atol, acc_tol)
+    print(format_verify_report(r))
+    if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(report) as tmp: tmp.write_text(json.dumps(r, indent=2) + "\n")
     return 0 if r["passed"] else 1

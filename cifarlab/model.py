@@ -5,24 +5,31 @@
 # %% ../nbs/03_model.ipynb #c002
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import lightning as L
+import torchmetrics
+from lightning.pytorch.core.mixins import HyperparametersMixin
+
+from .env import check_choice
 
 # %% auto #0
-__all__ = ['conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet', 'shift', 'tta_logits', 'Classifier']
+__all__ = ['Stem', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet',
+           'shift', 'tta_logits', 'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2))
 
-class SimpleCnn(nn.Module):
+class SimpleCnn(HyperparametersMixin, nn.Module):
     "The seed's baseline CNN: conv blocks 32/64/128, then Linear(2048, 256) and Linear(256, 10)."
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes:int=10, # outputs of the last layer
+                ):
         super().__init__()
+        self.save_hyperparameters()
         self.features = nn.Sequential(conv_bn_relu_pool(3, 32), conv_bn_relu_pool(32, 64), conv_bn_relu_pool(64, 128))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(inplace=True),
                                         nn.Linear(256, num_classes))
@@ -60,12 +67,20 @@ class WhiteningStem(nn.Module):
 
     def forward(self, x): return self.act(self.conv(x))
 
-class FastNet(nn.Module):
+Stem = Literal["conv", "whiten"]
+
+class FastNet(HyperparametersMixin, nn.Module):
     "An airbench-shaped CNN: stem, three conv groups that halve the resolution, max-pool, scaled linear head."
-    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), stem_width: int = 24, stem: str = "conv",
-                 num_classes: int = 10, head_scale: float = 1 / 9):
+    def __init__(self,
+                 widths:tuple[int, int, int]=(64, 256, 256), # channels of the three conv groups
+                 stem_width:int=24, # channels of the stem (the whitening stem has 24)
+                 stem:Stem="conv", # a 3×3 conv + BatchNorm, or the frozen whitening layer fitted to the data
+                 num_classes:int=10, # outputs of the head
+                 head_scale:float=1 / 9, # the head's output is scaled by this (a lower effective learning rate)
+                ):
         super().__init__()
-        if stem not in ("conv", "whiten"): raise ValueError(f"stem must be 'conv' or 'whiten', not {stem!r}")
+        self.save_hyperparameters()
+        check_choice("stem", stem, Stem)
         if stem == "whiten" and stem_width != 24:
             raise ValueError(f"the whitening stem has 24 channels (2×2×3 patch directions and their negatives); stem_width={stem_width}")
         w1, w2, w3 = widths
@@ -95,30 +110,52 @@ def shift(x, dy, dx):
     h, w = x.shape[-2:]
     return xp[..., p - dy:p - dy + h, p - dx:p - dx + w]
 
-def tta_logits(net, x, tta="none"):
-    "Logits of `net` on `x`, averaged over the test-time augmentations `tta` ('none', 'flip', 'flip+shift')."
+TTA = Literal["none", "flip", "flip+shift"]
+
+def tta_logits(net, # the network (any callable from a batch to logits)
+               x, # a normalised batch N×3×H×W
+               tta:TTA="none", # the test-time augmentation
+              ):
+    "Logits of `net` on `x`, averaged over the test-time augmentation `tta` with airbench's weights."
     if tta == "none": return net(x)
-    views = [x, x.flip(-1)]
-    if tta == "flip+shift": views += [shift(v, d, d) for v in views[:2] for d in (-1, 1)]
-    return torch.stack([net(v) for v in views]).mean(0)
+    mirrored = lambda v: (net(v) + net(v.flip(-1))) / 2
+    if tta == "flip": return mirrored(x)
+    return 0.5 * mirrored(x) + 0.25 * (mirrored(shift(x, -1, -1)) + mirrored(shift(x, 1, 1)))
 
 # %% ../nbs/03_model.ipynb #c016
+Optimizer = Literal["adam", "sgd"]
+Schedule = Literal["constant", "warmup_linear"]
+
 class Classifier(L.LightningModule):
     "Train `net` on CIFAR-10 by a configurable recipe; log loss and accuracy."
-    def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
-                 weight_decay: float = 0.0, bn_lr_mult: float = 1.0, schedule: str = "constant", warmup: float = 0.1,
-                 label_smoothing: float = 0.0, tta: str = "none", channels_last: bool = False):
+    def __init__(self,
+                 net:nn.Module, # the network; it records its own arguments, so a checkpoint can rebuild it
+                 optimizer:Optimizer="adam", # Adam, or SGD with Nesterov momentum
+                 lr:float=1e-3, # the (peak) learning rate
+                 momentum:float=0.9, # SGD's momentum
+                 weight_decay:float=0.0, # L2 penalty (PyTorch's coupled weight decay)
+                 schedule:Schedule="constant", # constant, or linear warm-up then linear decay to zero (per step)
+                 warmup:float=0.1, # fraction of the steps spent warming up (`warmup_linear`)
+                 label_smoothing:float=0.0, # label smoothing of the training loss
+                 tta:TTA="none", # test-time augmentation in validation, test and prediction
+                 channels_last:bool=False, # channels-last memory format (faster convolutions on CPUs and GPUs)
+                ):
         super().__init__()
-        if optimizer not in ("adam", "sgd"): raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
-        if schedule not in ("constant", "onecycle", "warmup_linear"):
-            raise ValueError(f"schedule must be 'constant', 'onecycle' or 'warmup_linear', not {schedule!r}")
-        if tta not in ("none", "flip", "flip+shift"): raise ValueError(f"tta must be 'none', 'flip' or 'flip+shift', not {tta!r}")
-        # Built from a config (LightningCLI), the hyperparameters record `net` as its class path and arguments,
-        # so `Classifier.load_from_checkpoint(path)` rebuilds the network with no other input.
-        self.save_hyperparameters()
+        for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("tta", TTA)):
+            check_choice(name, locals()[name], choices)
+        # the network is recorded by class path and arguments (plain data), not as a module object
+        self.save_hyperparameters(ignore=["net"])
+        self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__qualname__}",
+                               "init_args": dict(getattr(net, "hparams", {}))}
+        # Lightning's own rebuilder for such a record (trusted by `load_from_checkpoint`); set by LightningCLI too
+        self.hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.example_input_array = torch.zeros(1, 3, 32, 32)  # lets the model summary count FLOPs and show sizes
+        self.accuracy = nn.ModuleDict({s: torchmetrics.classification.MulticlassAccuracy(10, average="micro")
+                                       for s in ("train_", "val_", "test_")})  # "train" would clash with nn.Module.train
 
-    def forward(self, x): return self.net(x)
+    def forward(self, x):
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x)
 
     def on_fit_start(self):
         # data-dependent initialisation (FastNet's whitening stem) from the training split; every DDP rank holds the
@@ -126,41 +163,35 @@ class Classifier(L.LightningModule):
         init, dm = getattr(self.net, "init_from_data", None), getattr(self.trainer, "datamodule", None)
         if init is not None and hasattr(dm, "train_images"): init(dm.train_images(5000))
 
-    def _inputs(self, x):
-        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+    def _log_step(self, stage, logits, y, loss):
+        acc = self.accuracy[f"{stage}_"]
+        acc(logits, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=stage != "train")
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.net(self._inputs(x))
+        logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self._log_step("train", logits, y, loss)
         return loss
-
-    def _evaluate(self, batch, stage):
-        x, y = batch
-        logits = tta_logits(self.net, self._inputs(x), self.hparams.tta)
-        self.log(f"{stage}_loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
-        self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def validation_step(self, batch, batch_idx): self._evaluate(batch, "val")
     def test_step(self, batch, batch_idx): self._evaluate(batch, "test")
-    def predict_step(self, batch, batch_idx): return tta_logits(self.net, self._inputs(batch[0]), self.hparams.tta)
+    def predict_step(self, batch, batch_idx=0): return tta_logits(self, batch[0], self.hparams.tta)
+
+    def _evaluate(self, batch, stage):
+        x, y = batch
+        logits = self.predict_step(batch)
+        self._log_step(stage, logits, y, F.cross_entropy(logits, y))
 
     def configure_optimizers(self):
         hp = self.hparams
-        bn = [p for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
-        rest = [p for p in self.net.parameters() if all(p is not q for q in bn)]
-        groups = [{"params": rest}, {"params": bn, "lr": hp.lr * hp.bn_lr_mult}]
-        if hp.optimizer == "adam": opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else: opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
+        if hp.optimizer == "adam": opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        else: opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
         if hp.schedule == "constant": return opt
         total = self.trainer.estimated_stepping_batches
-        if hp.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
-                                                        pct_start=hp.warmup)
-        else:
-            warm = max(1, int(hp.warmup * total))
-            ramp = lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+        warm = max(1, int(hp.warmup * total))
+        ramp = lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -56,7 +56,7 @@ def data_dir():
     if not (d / "meta.json").is_file():
         if not os.environ.get("CIFARLAB_ARCHIVE"):
             pytest.skip("no prepared data/cifar10: set CIFARLAB_ARCHIVE (or run `cifarlab data`) to run the model tests")
-        res = run([BIN / "cifarlab", "data", "--quiet", "--data-dir", d])
+        res = run([BIN / "cifarlab", "data", "--quiet", "--data_dir", d])
         assert res.returncode == 0, res.stderr
     return d
 
@@ -76,7 +76,7 @@ def tiny_ckpt(tmp_path_factory, data_dir):
 def exported_model(tmp_path_factory, tiny_ckpt, data_dir):
     "`cifarlab export` of `tiny_ckpt` (test accuracy on the full test set): (the model's path, the finished process)."
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    res = run([BIN / "cifarlab", "export", tiny_ckpt, "-o", out, "--data-dir", data_dir], timeout=600)
+    res = run([BIN / "cifarlab", "export", tiny_ckpt, "--output", out, "--data_dir", data_dir], timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return out, res
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cifarlab import data
+from cifarlab.cli import main as cifarlab
 from conftest import BIN, env_with_venv
 
 MEMBERS = [f"cifar-10-batches-py/{n}" for n in ("batches.meta", *data.SPLIT_BATCHES["train"], "test_batch")]
@@ -38,17 +39,17 @@ def cli(*args, **kw):
     "Run `cifarlab data` in-process; return (exit status, stderr text)."
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = data.main([*args, "--quiet"])
+        code = cifarlab(["data", *args, "--quiet"])
     return code, err.getvalue()
 
 
 def assert_rejected(tmp_path, archive_path, *needles):
     out = tmp_path / "prepared"
-    code, err = cli("--archive", str(archive_path), "--data-dir", str(out))
+    code, err = cli("--archive", str(archive_path), "--data_dir", str(out))
     assert code == 1, err
     for n in needles: assert n in err, err
     assert not out.exists(), "a rejected archive must leave nothing behind"
-    assert not list(tmp_path.glob(".prepared.tmp-*")), "no temporary folder left behind"
+    assert not list(tmp_path.glob(".prepared.*")), "no temporary folder left behind"
 
 
 def test_missing_archive(tmp_path):
@@ -96,7 +97,7 @@ def test_pickle_that_carries_code(tmp_path, members):
 
 def test_data_dir_with_other_files_is_left_alone(tmp_path, archive):
     mine = tmp_path / "mine"; mine.mkdir(); (mine / "thesis.tex").write_text("precious")
-    code, err = cli("--archive", str(archive), "--data-dir", str(mine))
+    code, err = cli("--archive", str(archive), "--data_dir", str(mine))
     assert code == 1 and "not cifarlab's prepared data" in err, err
     assert (mine / "thesis.tex").read_text() == "precious" and len(list(mine.iterdir())) == 1
 
@@ -110,13 +111,13 @@ def test_crash_while_writing_leaves_nothing(tmp_path, archive, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         data.prepare(tmp_path / "cifar10", archive, progress=False)
     assert len(saved) == 2
-    assert not (tmp_path / "cifar10").exists() and not list(tmp_path.glob(".cifar10.tmp-*"))
+    assert not (tmp_path / "cifar10").exists() and not list(tmp_path.glob(".cifar10.*"))
 
 
 def test_prepare_then_nothing_to_do_then_repair(tmp_path, archive):
     "The console script prepares, a second run does nothing, a damaged folder is prepared again."
     out = tmp_path / "cifar10"
-    run = lambda: subprocess.run([BIN / "cifarlab", "data", "--data-dir", str(out), "--quiet"], capture_output=True,
+    run = lambda: subprocess.run([BIN / "cifarlab", "data", "--data_dir", str(out), "--quiet"], capture_output=True,
                                  text=True, timeout=300, env=env_with_venv(CIFARLAB_ARCHIVE=str(archive)))
     first = run()
     assert first.returncode == 0 and "verified and prepared" in first.stdout, first.stderr
@@ -125,7 +126,7 @@ def test_prepare_then_nothing_to_do_then_repair(tmp_path, archive):
     assert set(files) == {"meta.json", "train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"}
     # the second run in-process (the console script's start-up was checked above): it only verifies
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        assert data.main(["--data-dir", str(out), "--archive", str(archive), "--quiet"]) == 0
+        assert cifarlab(["data", "--data_dir", str(out), "--archive", str(archive), "--quiet"]) == 0
     assert "nothing to do" in said.getvalue()
     # damage one pixel: the next run notices and prepares the same bytes again
     with open(out / "test_images.npy", "r+b") as f: f.seek(5000); b = f.read(1); f.seek(5000); f.write(bytes([b[0] ^ 1]))

@@ -11,7 +11,7 @@ import torch
 
 from conftest import BIN, run
 from cifarlab.data import CLASSES, load_meta, load_split
-from cifarlab.export import export_main, verify_main
+from cifarlab.cli import main as cifarlab
 
 
 def contract_of(path):
@@ -37,7 +37,7 @@ def test_export_then_verify_on_full_test_set(exported_model, tiny_ckpt, data_dir
         assert sess.run(None, {"image": images[:n]})[0].shape == (n, 10)
 
     report = tmp_path / "verify.json"
-    res = run([BIN / "cifarlab", "verify", model, "--ckpt", tiny_ckpt, "--data-dir", data_dir, "--report", report])
+    res = run([BIN / "cifarlab", "verify", model, "--ckpt", tiny_ckpt, "--data_dir", data_dir, "--report", report])
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.rstrip().endswith("verify: passed")
     r = json.loads(report.read_text())
@@ -59,7 +59,7 @@ def dataset_ckpt(tiny_ckpt, tmp_path_factory):
 
 def test_export_honours_dataset_normalisation(dataset_ckpt, exported_model, data_dir, tmp_path):
     out = tmp_path / "dataset.onnx"
-    assert export_main([str(dataset_ckpt), "-o", str(out), "--data-dir", str(data_dir), "--limit", "500"]) == 0
+    assert cifarlab(["export", str(dataset_ckpt), "--output", str(out), "--data_dir", str(data_dir), "--limit", "500"]) == 0
     c, meta = contract_of(out), load_meta(data_dir)
     assert c["normalisation"]["setting"] == "dataset" and c["test_images"] == 500
     assert c["normalisation"]["mean"] == meta["train_channel_mean"] and c["normalisation"]["std"] == meta["train_channel_std"]
@@ -68,7 +68,7 @@ def test_export_honours_dataset_normalisation(dataset_ckpt, exported_model, data
     logits = [ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
               for m in (out, exported_model[0])]
     assert np.abs(logits[0] - logits[1]).max() > 0.1
-    assert verify_main([str(out), "--ckpt", str(dataset_ckpt), "--data-dir", str(data_dir), "--limit", "500"]) == 0
+    assert cifarlab(["verify", str(out), "--ckpt", str(dataset_ckpt), "--data_dir", str(data_dir), "--limit", "500"]) == 0
 
 
 def test_verify_fails_when_the_graph_disagrees(exported_model, tiny_ckpt, data_dir, tmp_path, capsys):
@@ -82,13 +82,13 @@ def test_verify_fails_when_the_graph_disagrees(exported_model, tiny_ckpt, data_d
     assert tampered == 2
     bad = tmp_path / "tampered.onnx"
     onnx.save(proto, str(bad))
-    assert verify_main([str(bad), "--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--limit", "500"]) == 1
+    assert cifarlab(["verify", str(bad), "--ckpt", str(tiny_ckpt), "--data_dir", str(data_dir), "--limit", "500"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out.splitlines()[1] and out.rstrip().endswith("verify: FAILED")  # the logits line, and the verdict
 
 
 def test_verify_refuses_another_checkpoint(exported_model, dataset_ckpt, data_dir):
-    res = run([BIN / "cifarlab", "verify", exported_model[0], "--ckpt", dataset_ckpt, "--data-dir", data_dir])
+    res = run([BIN / "cifarlab", "verify", exported_model[0], "--ckpt", dataset_ckpt, "--data_dir", data_dir])
     assert res.returncode == 1
     assert res.stderr.startswith("cifarlab verify: error:") and "was not exported from" in res.stderr
 
@@ -96,7 +96,7 @@ def test_verify_refuses_another_checkpoint(exported_model, dataset_ckpt, data_di
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "no such output folder", "missing model",
                                   "not a model", "ONNX without contract"])
 def test_cli_errors_are_one_line(case, tiny_ckpt, data_dir, tmp_path, capsys):
-    # in process: the entry points the console script calls (test_verify_refuses_another_checkpoint runs the script)
+    # in process: the dispatcher the console script calls (test_verify_refuses_another_checkpoint runs the script)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00not what it claims to be" * 10)
     bare = tmp_path / "bare.onnx"
@@ -104,13 +104,12 @@ def test_cli_errors_are_one_line(case, tiny_ckpt, data_dir, tmp_path, capsys):
     cmd, args, expected = {
         "missing checkpoint": ("export", [tmp_path / "none.ckpt"], "does not exist"),
         "not a checkpoint": ("export", [junk], "is not a readable PyTorch checkpoint"),
-        "no such output folder": ("export", [tiny_ckpt, "-o", tmp_path / "no" / "m.onnx"], "does not exist"),
+        "no such output folder": ("export", [tiny_ckpt, "--output", tmp_path / "no" / "m.onnx"], "does not exist"),
         "missing model": ("verify", [tmp_path / "none.onnx"], "does not exist"),
         "not a model": ("verify", [junk], "is not an ONNX model"),
         "ONNX without contract": ("verify", [bare], "without cifarlab's contract"),
     }[case]
-    entry = export_main if cmd == "export" else verify_main
-    assert entry([str(a) for a in args] + ["--data-dir", str(data_dir)]) == 1
+    assert cifarlab([cmd, *map(str, args), "--data_dir", str(data_dir)]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith(f"cifarlab {cmd}: error:"), err
     assert expected in err
@@ -119,6 +118,39 @@ def test_cli_errors_are_one_line(case, tiny_ckpt, data_dir, tmp_path, capsys):
 def test_failed_export_leaves_the_previous_file(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the previous model")
-    assert export_main([str(tiny_ckpt), "-o", str(out), "--data-dir", str(tmp_path / "no-data")]) == 1
+    assert cifarlab(["export", str(tiny_ckpt), "--output", str(out), "--data_dir", str(tmp_path / "no-data")]) == 1
     assert "cifarlab data" in capsys.readouterr().err
     assert out.read_bytes() == b"the previous model" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_default_recipe_exports_and_verifies(data_dir, tmp_path):
+    "configs/fast.yaml as the pipeline runs it (FastNet, whitening stem, bf16, flip TTA), two steps, then export + verify."
+    res = run([BIN / "cifarlab", "fit", "-c", "configs/fast.yaml", f"--data.data_dir={data_dir}", "--data.subset=512",
+               "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt, model = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "model.onnx"
+    res = run([BIN / "cifarlab", "export", ckpt, "--output", model, "--data_dir", data_dir, "--limit", "2000"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    c = contract_of(model)
+    assert c["source"]["net"] == "cifarlab.model.FastNet" and c["test_time_augmentation"]["tta"] == "flip"
+    assert c["normalisation"]["setting"] == "dataset"
+    report = tmp_path / "verify.json"
+    res = run([BIN / "cifarlab", "verify", model, "--data_dir", data_dir, "--limit", "2000", "--report", report])
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads(report.read_text())
+    assert r["passed"] and r["max_abs_logit_diff"] <= 1e-4 and r["onnx_accuracy"] == r["torch_accuracy"]
+    assert "recorded_accuracy" in r["checks"]  # same 2000 images as at export: the recorded accuracy is checked too
+
+
+def test_verify_fails_on_the_recorded_accuracy_alone(exported_model, tiny_ckpt, data_dir, tmp_path, capsys):
+    "A model whose metadata claims another test accuracy than it has fails verify, though its logits are right."
+    proto = onnx.load(str(exported_model[0]))
+    props = {p.key: p.value for p in proto.metadata_props}
+    c = json.loads(props["cifarlab"]); c["test_accuracy"] += 0.05
+    onnx.helper.set_model_props(proto, {**props, "cifarlab": json.dumps(c)})
+    claimed = tmp_path / "claimed.onnx"; onnx.save(proto, str(claimed))
+    assert cifarlab(["verify", str(claimed), "--ckpt", str(tiny_ckpt), "--data_dir", str(data_dir)]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert failed[0].lstrip().startswith("recorded at export") and failed[1] == "verify: FAILED", out
