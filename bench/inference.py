@@ -13,7 +13,6 @@ falls on both; throughput is the median over `--repeats` passes over the whole t
 again alternating.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import onnxruntime as ort
 import torch
 
 from cifarlab.env import cpu_name
-from cifarlab.experiments import load_run
+from cifarlab.experiments import load_run, write_results
 from cifarlab.export import Deployable, checkpoint_facts, export_checkpoint, ort_session, read_contract
 
 
@@ -99,8 +98,7 @@ def main():
         "single_images": args.single, "batch_size": args.batch_size, "repeats": args.repeats,
         "images_per_pass": len(images), "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     print(f"-> {args.out}")
 
 

@@ -11,12 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: cifarlab, dvc, nbdev_export, ...
 
 
+def missing(reason):
+    "Skip for lack of `reason` on a developer's machine; under CI (`CI=true`) a missing part is a failure, not a skip."
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"): pytest.fail(f"CI must provide it: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def archive():
     "The real CIFAR-10 archive named by CIFARLAB_ARCHIVE (`.ci/run` sets it)."
     path = os.environ.get("CIFARLAB_ARCHIVE")
     if not path or not Path(path).is_file():
-        pytest.skip("set CIFARLAB_ARCHIVE to the path of cifar-10-python.tar.gz to run the data tests")
+        missing(f"set CIFARLAB_ARCHIVE to the path of cifar-10-python.tar.gz to run the data tests (it is {path!r})")
     return Path(path).resolve()
 
 
@@ -55,7 +61,7 @@ def data_dir():
     d = ROOT / "data" / "cifar10"
     if not (d / "meta.json").is_file():
         if not os.environ.get("CIFARLAB_ARCHIVE"):
-            pytest.skip("no prepared data/cifar10: set CIFARLAB_ARCHIVE (or run `cifarlab data`) to run the model tests")
+            missing("no prepared data/cifar10: set CIFARLAB_ARCHIVE (or run `cifarlab data`) to run the model tests")
         res = run([BIN / "cifarlab", "data", "--quiet", "--data_dir", d])
         assert res.returncode == 0, res.stderr
     return d
@@ -89,7 +95,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists(): pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    if not CHROMIUM.exists(): missing(f"{CHROMIUM} is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 import yaml
 
 from cifarlab.data import is_prepared
@@ -121,6 +122,12 @@ def test_pipeline_experiment_with_set_params(repo):
               "-S", "train.epochs=1", "-S", "train.subset=640", timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "test accuracy:" in res.stdout
+    # what was trained is what -S asked for: the recipe's network, and the overridden values
+    ckpt = torch.load(repo / "runs" / "pipeline" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp, data = ckpt["hyper_parameters"], ckpt["datamodule_hyper_parameters"]
+    assert hp["net"]["class_path"] == "cifarlab.model.SimpleCnn" and hp["optimizer"] == "adam" and hp["lr"] == 0.001
+    assert data["batch_size"] == 64 and data["subset"] == 640 and ckpt["epoch"] == 0
+    assert ckpt["global_step"] == 640 // 64  # one epoch of the 640-image subset
     metrics = dvc(repo, "metrics", "show", "--json")
     assert metrics.returncode == 0, metrics.stderr
     shown = json.loads(metrics.stdout)[""]["data"]

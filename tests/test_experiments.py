@@ -1,11 +1,15 @@
-"""Training from the shell: Lightning CLI semantics on the real data, a run killed with SIGKILL that resumes and
-finishes, and DDP on two CPU processes where each rank trains on its own shard."""
+"""Training from the shell: Lightning CLI semantics on the real data, a run killed with SIGKILL that resumes where it
+stopped, `cifarlab test`/`validate` on a checkpoint, and DDP on two CPU processes where each rank trains on its own shard."""
+import json
+import re
 import signal
 import subprocess
 import time
 
+import pandas as pd
 import torch
 
+from cifarlab.experiments import test_predictions
 from conftest import BIN, ROOT, env_with_venv, run
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -25,7 +29,7 @@ def test_fast_dev_run(data_dir, tmp_path):
 def test_bad_override_is_a_clear_error(data_dir, tmp_path):
     res = fit("-c", "configs/exp1.yaml", "--model.optimizer=rmsprop", f"--data.data_dir={data_dir}",
               f"--trainer.default_root_dir={tmp_path}")
-    assert res.returncode != 0 and "optimizer must be 'adam' or 'sgd'" in res.stderr
+    assert res.returncode != 0 and "rmsprop" in res.stderr and "'adam', 'sgd'" in res.stderr, res.stderr[-2000:]
 
 
 def last_checkpoint(root):
@@ -57,12 +61,36 @@ def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path):
     done = last_checkpoint(tmp_path)
     steps_per_epoch = 3200 // 64
     assert done["epoch"] == 3 and done["global_step"] == 4 * steps_per_epoch
+    # the resumed run (the newest log) trained only the epochs after the checkpoint: none again, none from scratch
+    logs = sorted((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    resumed = pd.read_csv(logs[-1] / "metrics.csv")
+    assert sorted(resumed.dropna(subset=["train_loss"]).epoch) == list(range(killed_at + 1, 4)), resumed
 
 
 def test_ddp_two_cpu_processes(data_dir, tmp_path):
-    res = fit("-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=1280", "--trainer.max_epochs=1",
-              "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-              f"--trainer.default_root_dir={tmp_path}")
+    probe = tmp_path / "probe.yaml"  # tests/ddp_probe.py: each rank writes fingerprints of the images it trained on
+    probe.write_text(json.dumps({"trainer": {"callbacks": [{"class_path": "ddp_probe.ImageLog",
+                                                            "init_args": {"out_dir": str(tmp_path)}}]}}))
+    res = run([BIN / "cifarlab", "fit", "-c", "configs/exp1.yaml", "-c", probe, f"--data.data_dir={data_dir}",
+               "--data.subset=1280", "--trainer.max_epochs=1", "--trainer.strategy=ddp", "--trainer.devices=2",
+               "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", *QUIET],
+              env=env_with_venv(PYTHONPATH=str(ROOT / "tests")))
     assert res.returncode == 0, res.stderr[-3000:]
     # each of the 2 ranks trains on its own half: 640 images = 10 steps of 64, not 20
     assert last_checkpoint(tmp_path)["global_step"] == 1280 // 2 // 64
+    shards = [set(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 640 and not shards[0] & shards[1]  # different halves of the subset
+
+
+def test_test_and_validate_commands(tiny_ckpt, data_dir, tmp_path):
+    "`cifarlab test` and `cifarlab validate` on a checkpoint: Lightning's loops give the numbers our own predictions give."
+    common = ["-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000", f"--ckpt_path={tiny_ckpt}",
+              f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    res = run([BIN / "cifarlab", "test", *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    shown = float(re.search(r"test_acc\W+([0-9.]+)", res.stdout).group(1))
+    probs, labels = test_predictions(tiny_ckpt, data_dir)  # the whole test split; the run's subset is its first 3000
+    assert abs(shown - (probs[:3000].argmax(1) == labels[:3000]).mean()) < 1e-4, res.stdout
+    res = run([BIN / "cifarlab", "validate", *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 0 < float(re.search(r"val_acc\W+([0-9.]+)", res.stdout).group(1)) < 1, res.stdout
