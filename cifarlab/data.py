@@ -237,17 +237,21 @@ def _write_prepared(splits, dest):
                 "train_channel_mean": mean, "train_channel_std": std}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-def prepare(data_dir="data/cifar10", archive=None, progress=True):
-    "Verify CIFAR-10 and write the prepared arrays to `data_dir`; returns 'prepared' or 'up to date'."
+def prepare(data_dir="data/cifar10", archive=None, progress=True, log=lambda msg: None):
+    "Verify CIFAR-10 and write the prepared arrays to `data_dir`; returns 'prepared' or 'up to date'. `log` hears each step."
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data_dir {data_dir} is a file: give a directory.")
     if data_dir.is_dir() and any(data_dir.iterdir()):
+        log(f"checking the prepared data in {data_dir} against its fingerprints")
         if is_prepared(data_dir): return "up to date"
         if not (data_dir / "meta.json").exists() and not any(data_dir.glob("*.npy")):
             raise DataError(f"--data_dir {data_dir} holds files that are not cifarlab's prepared data: "
                             "choose an empty or new directory.")
-    splits = read_archive(resolve_archive(archive, cache_dir=data_dir.parent / "raw", progress=progress), progress=progress)
+    source = resolve_archive(archive, cache_dir=data_dir.parent / "raw", progress=progress)
+    log(f"reading {source}: unpickling each batch safely and checking its fingerprints")
+    splits = read_archive(source, progress=progress)
+    log(f"writing the prepared arrays to {data_dir}")
     _write_prepared(splits, data_dir)
     return "prepared"
 
@@ -407,6 +411,6 @@ def data_command(archive:str|None=None, # path of cifar-10-python.tar.gz (defaul
                  quiet:store_true=False, # no progress bars
                 ):
     "Acquire, verify and prepare CIFAR-10."
-    if prepare(data_dir, archive, progress=not quiet) == "up to date":
+    if prepare(data_dir, archive, progress=not quiet, log=lambda msg: print(msg, flush=True)) == "up to date":
         print(f"{data_dir}: CIFAR-10 already prepared and verified; nothing to do.")
     else: print(f"{data_dir}: CIFAR-10 verified and prepared (50000 train, 10000 test images).")

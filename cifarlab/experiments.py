@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -23,9 +23,9 @@ from .data import CLASSES, CIFAR10DataModule
 from .model import Classifier
 
 # %% auto #0
-__all__ = ['run_checkpoints', 'quiet_lightning', 'CifarCLI', 'fit', 'validate', 'test', 'PipelineLogger', 'recipe_objects',
-           'run_recipe', 'load_curves', 'CheckpointError', 'read_checkpoint', 'load_run', 'predict_logits',
-           'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_command', 'write_results']
+__all__ = ['run_checkpoints', 'quiet_lightning', 'CifarCLI', 'fit', 'validate', 'test', 'EpochProgress', 'PipelineLogger',
+           'recipe_objects', 'run_recipe', 'load_curves', 'CheckpointError', 'read_checkpoint', 'load_run',
+           'predict_logits', 'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_command', 'write_results']
 
 # %% ../nbs/04_experiments.ipynb #c006
 def run_checkpoints(root_dir):
@@ -59,10 +59,12 @@ class CifarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
-        callbacks = [*(trainer.callbacks or []), *run_checkpoints(trainer.default_root_dir)]
+        callbacks = [*(trainer.callbacks or []), *run_checkpoints(trainer.default_root_dir), EpochProgress()]
         # Lightning's default logger, named: a CSV file per run (it warns about TensorBoard when left to choose)
         logger = CSVLogger(trainer.default_root_dir) if trainer.logger in (None, True) else trainer.logger
-        return super().instantiate_trainer(**kwargs, callbacks=callbacks, logger=logger)
+        # a progress bar only where someone watches a terminal; a log gets EpochProgress's lines alone
+        bar = trainer.enable_progress_bar if trainer.enable_progress_bar is not None else sys.stderr.isatty()
+        return super().instantiate_trainer(**kwargs, callbacks=callbacks, logger=logger, enable_progress_bar=bar)
 
 @contextmanager
 def _args_only():
@@ -90,6 +92,29 @@ def validate(argv=None):
 def test(argv=None):
     "Entry point of `cifarlab test`."
     return _run_cli("test", argv)
+
+# %% ../nbs/04_experiments.ipynb #c940
+def _duration(s): return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+class EpochProgress(Callback):
+    "One line per finished epoch: epoch n of N, train loss, validation accuracy, time so far and an estimate of the time left."
+    def on_train_start(self, trainer, pl_module): self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero: return
+        done, total = trainer.current_epoch + 1, trainer.max_epochs
+        if trainer.max_steps > 0:  # a step budget can end the run before max_epochs
+            per_epoch = max(1, trainer.num_training_batches)
+            total = min(total, -(-trainer.max_steps // per_epoch)) if total > 0 else -(-trainer.max_steps // per_epoch)
+        elapsed = time.perf_counter() - self.start
+        m = trainer.callback_metrics
+        fields = [f"epoch {done}/{total}"]
+        fields += [f"{k} {float(m[k]):.4f}" for k in ("train_loss", "val_acc") if k in m]
+        fields += [f"elapsed {_duration(elapsed)}", f"left ~{_duration(elapsed / done * max(0, total - done))}"]
+        line = "  ".join(fields)
+        bar = trainer.progress_bar_callback
+        if bar is not None: bar.print(line)  # above the bar, which redraws below it
+        else: print(line, flush=True)
 
 # %% ../nbs/04_experiments.ipynb #c902
 from dvclive.lightning import DVCLiveLogger
@@ -196,17 +221,19 @@ def confusion_matrix(preds, labels, n_classes=10):
 
 # %% ../nbs/04_experiments.ipynb #c017
 def evaluate(checkpoint, data_dir=None, out_dir="dvclive/evaluate"):
-    "Test a checkpoint; log accuracy, per-class accuracy and the confusion matrix with DVCLive in `out_dir`."
+    "Test a checkpoint; log its accuracy, and plots of the confusion matrix and per-class accuracy, with DVCLive in `out_dir`."
     from dvclive import Live
     probs, labels = test_predictions(checkpoint, data_dir)
     preds = probs.argmax(1)
     cm = confusion_matrix(preds, labels)
     metrics = {"test_acc": float(cm.trace() / cm.sum()),
-               **{f"acc_{c}": float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}}
+               "per_class": {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}}
     with Live(out_dir, dvcyaml=False, save_dvc_exp=False) as live:
-        for k, v in metrics.items(): live.log_metric(k, v, plot=False)
+        live.log_metric("test/acc", metrics["test_acc"], plot=False)
         live.log_plot("confusion", [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(labels, preds)],
                       x="actual", y="predicted", template="confusion", title="Test confusion matrix")
+        live.log_plot("per_class", [{"class": c, "accuracy": a} for c, a in metrics["per_class"].items()],
+                      x="accuracy", y="class", template="bar_horizontal", title="Test accuracy of each class")
     return metrics
 
 def evaluate_command(checkpoint:str, # a checkpoint written by `cifarlab fit`
@@ -214,6 +241,7 @@ def evaluate_command(checkpoint:str, # a checkpoint written by `cifarlab fit`
                      out_dir:str="dvclive/evaluate", # where DVCLive writes the metrics and plots
                     ):
     "Evaluate a checkpoint on the test split and log the metrics with DVCLive."
+    print(f"testing {checkpoint} on the test split", flush=True)
     m = evaluate(checkpoint, data_dir, out_dir)
     print(f"test accuracy: {m['test_acc']:.4f}")
 

@@ -114,14 +114,17 @@ def read_contract(path):
     except ValueError as e: raise ExportError(f"{path}: its cifarlab contract is not valid JSON ({e}).") from None
 
 # %% ../nbs/05_onnx.ipynb #c019
-def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=OPSET):
+def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=OPSET, log=lambda msg: None):
     "Export Lightning checkpoint `ckpt` to ONNX file `out`, its test accuracy measured on `data_dir`'s test split."
     with atomic_path(out) as tmp:  # opened first: a missing output folder fails before the work, not after
         facts = checkpoint_facts(ckpt)
+        log(f"rebuilding the run in {ckpt}")
         model, dm = load_run(ckpt, data_dir)
+        log(f"measuring its test accuracy on {min(limit or 10_000, len(dm.splits['test'][1]))} test images")
         logits, labels = predict_logits(model, dm, limit)
         c = contract(CLASSES, dm.mean, dm.std, facts["normalize"], facts["tta"],
                      test_accuracy=float((logits.argmax(1) == labels).mean()), test_images=len(labels), source=facts)
+        log(f"exporting the graph (ONNX opset {opset}) with the contract in its metadata")
         return export_onnx(model, tmp, dm.mean, dm.std, c, opset=opset)
 
 # %% ../nbs/05_onnx.ipynb #c022
@@ -137,7 +140,7 @@ def ort_logits(session, images, batch_size=500):
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i:i + batch_size]})[0] for i in range(0, len(images), batch_size)])
 
-def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=1e-3):
+def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=1e-3, log=lambda msg: None):
     "Compare ONNX model `model_path` with its PyTorch checkpoint on the test split; a report with `passed`."
     c = read_contract(model_path)
     source = c.get("source") or {}
@@ -147,11 +150,14 @@ def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=
     if facts["sha256"] != source.get("sha256"):
         raise ExportError(f"{model_path} was not exported from {ckpt} (sha256 {facts['sha256'][:12]}..., the model "
                           f"records {str(source.get('sha256'))[:12]}...): pass --ckpt with its checkpoint.")
+    log(f"rebuilding the run in {ckpt}")
     model, dm = load_run(ckpt, data_dir)
     x = dm.splits["test"][0][:limit].numpy()
+    log(f"running {model_path} with ONNX Runtime on {len(x)} test images")
     sess = ort_session(model_path)
     t0 = time.perf_counter(); got = ort_logits(sess, x); t_ort = time.perf_counter() - t0
     singles = np.concatenate([ort_logits(sess, x[i:i + 1]) for i in range(min(4, len(x)))])
+    log(f"running the checkpoint with PyTorch on the same images")
     t0 = time.perf_counter(); ref, y = predict_logits(model, dm, limit); t_torch = time.perf_counter() - t0
     diff = float(max(np.abs(got - ref).max(), np.abs(singles - ref[:len(singles)]).max()))
     acc_ort, acc_torch = float((got.argmax(1) == y).mean()), float((ref.argmax(1) == y).mean())
@@ -165,6 +171,8 @@ def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=
             "seconds": {"onnxruntime": t_ort, "torch": t_torch}}
 
 # %% ../nbs/05_onnx.ipynb #c026
+def _say(msg): print(msg, flush=True)  # a step of a long command, as it starts
+
 def export_command(ckpt:str, # Lightning checkpoint written by `cifarlab fit`
                    output:str="model.onnx", # the ONNX file to write
                    data_dir:str|None=None, # prepared CIFAR-10 for the test accuracy (default: the run's own)
@@ -173,8 +181,7 @@ def export_command(ckpt:str, # Lightning checkpoint written by `cifarlab fit`
                   ):
     "Export a checkpoint to ONNX, preprocessing in the graph and the contract (classes, normalisation, test accuracy) in its metadata."
     t0 = time.perf_counter()
-    print(f"exporting {ckpt}: rebuilding the run, measuring its test accuracy, writing the graph ...", flush=True)
-    c = export_checkpoint(ckpt, output, data_dir, limit, opset)
+    c = export_checkpoint(ckpt, output, data_dir, limit, opset, log=_say)
     print(f"{output}: exported {ckpt} in {time.perf_counter() - t0:.1f} s (test accuracy {c['test_accuracy']:.4f} on "
           f"{c['test_images']} images, normalisation {c['normalisation']['setting']}, sha256 {sha256_file(output)[:12]})")
 
@@ -199,12 +206,16 @@ def verify_command(model:str, # ONNX file written by `cifarlab export`
                    limit:int|None=None, # compare on the first N test images only (default: all 10,000)
                    atol:float=1e-3, # largest allowed |logit difference|
                    acc_tol:float=1e-3, # largest allowed accuracy difference
-                   report:str|None=None, # also write the numbers to this JSON file
+                   report:str|None=None, # also write every number to this JSON file
+                   metrics:str|None=None, # also write the headline numbers to this JSON file (for `dvc metrics show`)
                   ):
     "Run an exported model with ONNX Runtime on the CIFAR-10 test set and compare it with its PyTorch checkpoint."
-    r = verify(model, ckpt, data_dir, limit, atol, acc_tol)
+    r = verify(model, ckpt, data_dir, limit, atol, acc_tol, log=_say)
     print(format_verify_report(r))
-    if report:
-        Path(report).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(report) as tmp: tmp.write_text(json.dumps(r, indent=2) + "\n")
+    headline = {"onnx": {"acc": r["onnx_accuracy"], "torch_acc": r["torch_accuracy"], "agreement": r["agreement"],
+                         "max_logit_diff": r["max_abs_logit_diff"], "passed": r["passed"]}}
+    for path, data in ((report, r), (metrics, headline)):
+        if not path: continue
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp: tmp.write_text(json.dumps(data, indent=2) + "\n")
     return 0 if r["passed"] else 1
