@@ -1,0 +1,198 @@
+"""`cifarlab tune` with its real parts: two worker processes sharing one study on a real PostgreSQL server (started here
+on loopback), the embedded SQLite default killed with SIGKILL mid-trial and resumed, pruning of a hopeless learning
+rate, and every bad input refused with one line and exit status 1 before any training."""
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import BIN, ROOT, env_with_venv, missing
+from cifarlab.cli import main
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+LR = "{type: float, low: 0.05, high: 1.0, log: true}"
+
+
+def tiny_space(folder, data_dir, lr=LR, extra="", name="tiny"):
+    "A search space over quick on 1500 images with a narrow float32 net: a trial takes about a second."
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(f"""base: {ROOT / 'configs' / 'quick.yaml'}
+fixed:
+  data.data_dir: {data_dir}
+  data.subset: 1500
+  data.val_size: 1000
+  trainer.precision: 32-true
+  model.net.init_args.widths: [8, 16, 16]
+space:
+  model.lr: {lr}
+  data.batch_size: {{type: categorical, choices: [64, 128]}}
+{extra}""")
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tune_cmd(space, root, *extra):
+    return [str(BIN / "cifarlab"), "tune", str(space), "--root", str(root), "--probe_every", "500", "--probe_size", "250",
+            *map(str, extra)]
+
+
+def trials(storage, name="tiny"):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def states(ts): return sorted(t.state.name for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def made_study(tmp_path_factory, data_dir):
+    "A study (no trial run) in an SQLite file, made from the tiny space: for the worker that arrives with another space."
+    from cifarlab.tune import check_space, load_space, open_storage, open_study
+    folder = tmp_path_factory.mktemp("made")
+    space = load_space(tiny_space(folder, data_dir))
+    url = f"sqlite:///{folder / 'study.db'}"
+    open_study(space, open_storage(url), url, "tiny", check_space(space))
+    return url
+
+
+BAD = {  # what is wrong -> (search-space lines to add / replace, extra flags, what the one line says)
+    "unknown recipe key": ("  model.lrr: {type: float, low: 0.1, high: 1.0}\n", [], "model.lrr: not an option of the recipe"),
+    "inverted range": ("  model.warmup: {type: float, low: 0.4, high: 0.1}\n", [], "model.warmup: the range [0.4, 0.1] is inverted"),
+    "empty range": ("  model.warmup: {type: float, low: 0.1, high: 0.1}\n", [], "model.warmup: the range [0.1, 0.1] is empty"),
+    "unknown distribution": ("  model.warmup: {type: loguniform, low: 0.01, high: 0.1}\n", [],
+                             "model.warmup: unknown distribution type 'loguniform'"),
+    "malformed storage URL": ("", ["--storage", "postgres//lab@127.0.0.1/db"], "malformed storage URL 'postgres//lab@127.0.0.1/db'"),
+    "unreachable storage": ("", ["--storage", "postgresql://lab:secret@127.0.0.1:{port}/db"],
+                            "cannot open storage postgresql://lab:***@127.0.0.1:{port}/db: "),
+    "another search space": ("  model.warmup: {type: float, low: 0.0, high: 0.4}\n", ["--storage", "{made}", "--study", "tiny"],
+                             "study 'tiny' in sqlite:///"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c.replace(" ", "-"))
+def test_bad_input_one_line(case, tmp_path, data_dir, made_study, capsys):
+    lines, flags, says = BAD[case]
+    port = free_port()  # nothing listens there
+    fill = lambda s: s.format(port=port, made=made_study)
+    space = tiny_space(tmp_path, data_dir, extra=lines)
+    assert main(["tune", str(space), "--root", str(tmp_path / "runs"), *map(fill, flags)]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("cifarlab tune: error: "), err
+    assert fill(says) in err, err
+    assert "Traceback" not in out + err
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "trial-*")), "no trial may start"
+
+
+# ------------------------------------------------------------------------------------------------------------ pruning
+
+def test_hopeless_lr_is_pruned(tmp_path, data_dir):
+    from cifarlab.tune import tune
+    space = tiny_space(tmp_path, data_dir, lr="{type: categorical, choices: [0.3, 10000.0]}")
+    study = tune(space, n_trials=5, root=tmp_path / "runs", probe_every=250, probe_size=250, prune_after=1, log=lambda _: None)
+    ts = study.trials
+    assert ts[0].params["model.lr"] == 0.3 and ts[0].state.name == "COMPLETE"  # the base recipe, first
+    hopeless = [t for t in ts[1:] if t.params["model.lr"] == 10000.0]
+    assert hopeless and all(t.state.name == "PRUNED" for t in hopeless), [(t.params, t.state.name) for t in ts]
+    # stopped at the first probe the median pruner judges (the second, 500 images): a third of the 1500-image epoch
+    assert all(max(t.intermediate_values) == 500 for t in hopeless)
+
+
+# ---------------------------------------------------------------------------------- SQLite default: kill -9 and resume
+
+def test_sqlite_study_killed_mid_trial_resumes(tmp_path, data_dir):
+    space, root = tiny_space(tmp_path, data_dir), tmp_path / "runs"
+    storage = f"sqlite:///{root / 'tiny' / 'study.db'}"
+    cmd = tune_cmd(space, root, "--n_trials", 4, "--pruner", "none")
+    with open(tmp_path / "first.log", "w") as log:
+        worker = subprocess.Popen(cmd, cwd=ROOT, env=env_with_venv(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and worker.poll() is None:  # wait for: one trial done, the next one training
+                time.sleep(0.2)
+                try: ts = trials(storage)
+                except Exception: continue  # the study is not created yet
+                running = [t for t in ts if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]
+                if "COMPLETE" in states(ts) and running and Path(running[0].user_attrs["run_dir"]).exists(): break
+            else:
+                pytest.fail("never saw a finished trial and a running one: " + (tmp_path / "first.log").read_text()[-2000:])
+            worker.send_signal(signal.SIGKILL)
+        finally:
+            worker.wait()
+    killed = trials(storage)
+    assert states(killed).count("RUNNING") == 1 and "COMPLETE" in states(killed)
+    victim = next(t for t in killed if t.state.name == "RUNNING")
+
+    res = subprocess.run(cmd, cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    ts = trials(storage)
+    assert states(ts) == ["COMPLETE"] * 4 + ["FAIL"], states(ts)  # 4 finished, the killed one failed, none twice
+    assert ts[victim.number].state.name == "FAIL"
+    assert [t.number for t in ts] == list(range(len(ts)))
+    retry = [t for t in ts if t.user_attrs.get("retry_of") == victim.number]  # its values ran again
+    assert len(retry) == 1 and retry[0].params == victim.params and retry[0].state.name == "COMPLETE"
+    finished_before = [t.number for t in killed if t.state.name == "COMPLETE"]
+    assert all(ts[n].state.name == "COMPLETE" for n in finished_before)  # kept, not re-run
+    assert "trial" in res.stdout and "of 4)" in res.stdout and "best" in res.stdout
+    assert (root / "tiny" / "best.yaml").is_file()
+
+
+# -------------------------------------------------------------------------------------- PostgreSQL: two workers, one study
+
+@pytest.fixture(scope="module")
+def postgres():
+    "A PostgreSQL server (Debian's package) in a temporary data folder on 127.0.0.1, stopped afterwards: its URL."
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins: missing("PostgreSQL is not installed (apt-get install postgresql)")
+    bindir = Path(bins[-1]).parent
+    data = Path(tempfile.mkdtemp(prefix="cifarlab-pg-"))
+    as_owner = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_owner, *map(str, cmd)], capture_output=True, text=True, timeout=120)
+    try:
+        res = run(bindir / "initdb", "-D", data / "db", "-A", "trust", "-U", "lab")
+        assert res.returncode == 0, res.stderr
+        res = run(bindir / "pg_ctl", "-D", data / "db", "-l", data / "server.log", "-w", "start",
+                  "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {data}")
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield f"postgresql://lab@127.0.0.1:{port}/postgres"
+    finally:
+        run(bindir / "pg_ctl", "-D", data / "db", "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgres_study(tmp_path, data_dir, postgres):
+    space, root, n = tiny_space(tmp_path, data_dir), tmp_path / "runs", 6
+    cmd = tune_cmd(space, root, "--n_trials", n, "--storage", postgres)
+    logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]
+    workers = [subprocess.Popen(cmd, cwd=ROOT, env=env_with_venv(), stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    try:
+        codes = [w.wait(timeout=400) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None: w.kill(); w.wait()
+    out = [(f.seek(0), f.read())[1] for f in logs]
+    assert codes == [0, 0], out
+    ts = trials(postgres)
+    assert len(ts) == n and states(ts).count("RUNNING") == 0 and "FAIL" not in states(ts), states(ts)  # none lost, none extra
+    assert sorted(t.number for t in ts) == list(range(n))
+    assert len({t.user_attrs["worker"] for t in ts}) == 2, "both workers ran trials"
+    assert sorted(p.name for p in (root / "tiny").glob("trial-*")) == [f"trial-{i:04d}" for i in range(n)]  # one folder each
+    for i in range(n): assert list((root / "tiny" / f"trial-{i:04d}").glob("lightning_logs/version_*/config.yaml"))
+    assert all(f"of {n})" in o for o in out)
