@@ -1,14 +1,16 @@
-"""Load test of `cifarlab serve` on loopback: concurrent clients post real CIFAR-10 test images to /predict, and the
-run reports latency percentiles, requests per second and every error.
+"""Load test of `cifarlab serve` on loopback: real CIFAR-10 test images posted to /predict, first by one client on one
+keep-alive connection (the latency of a request), then by concurrent clients (throughput and tail latency), repeated
+and summarised by medians; with `--workers 1 2` the same runs for each number of worker processes.
 
-    uv run python bench/load.py --model model.onnx [--clients 8] [--requests 3000] [--out bench/results/load.json]
+    uv run python bench/load.py --model model.onnx [--workers 1 2] [--repeats 3] [--out bench/results/load.json]
     uv run python bench/load.py --url http://127.0.0.1:8000 ...    # a service that is already running
 
-With `--model` the script starts `cifarlab serve` itself on a free loopback port and stops it at the end. Each client
-is a thread with its own keep-alive HTTP connection that sends requests back to back (a closed loop), cycling through
-the first test images encoded as PNG. Latency is measured per request from the first byte sent to the last byte of the
-answer; requests per second is completed requests over the wall time of the run. Any status other than 200, any
-connection error and any malformed answer counts as an error, and the exit status is 1 if there was one.
+With `--model` the script starts `cifarlab serve --workers N` itself on a free loopback port for each N and stops it at
+the end. Each client is a thread with its own keep-alive HTTP connection that sends requests back to back (a closed
+loop), cycling through the first test images encoded as PNG. Latency is measured per request from the first byte sent
+to the last byte of the answer; requests per second is completed requests over the wall time of the phase. Any status
+other than 200, any connection error and any malformed answer counts as an error, and the exit status is 1 if there
+was one or if the service did not answer /health afterwards.
 """
 import argparse
 import http.client
@@ -16,7 +18,6 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -51,10 +52,12 @@ def test_images(data_dir, n):
     return bodies, labels[:n]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def cpu_model():
+    "The CPU's model name (from /proc/cpuinfo on Linux), or what the platform module knows."
+    try:
+        return next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def wait_healthy(url, proc=None, timeout=60):
@@ -71,17 +74,28 @@ def wait_healthy(url, proc=None, timeout=60):
     raise RuntimeError(f"{url}/health did not answer within {timeout} s")
 
 
-def start_service(model, extra=()):
-    "Start `cifarlab serve` on a free loopback port: (process, url, seconds until /health answered)."
-    port = free_port()
+def start_service(model, workers=1):
+    "Start `cifarlab serve` on a free loopback port (--port 0): (process, url, seconds until /health answered)."
     cli = Path(sys.executable).with_name("cifarlab")
-    proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", str(port), "--log-level", "warning", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try: return proc, url, wait_healthy(url, proc)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", "0", "--workers", str(workers),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # "cifarlab serve: MODEL (...) on http://127.0.0.1:PORT/"
+        if " on http://" not in line: raise RuntimeError(f"cifarlab serve did not start: {line!r}")
+        url = line.split(" on ", 1)[1].split()[0].rstrip("/")
+        wait_healthy(url, proc)
+        return proc, url, time.perf_counter() - t0
     except BaseException:
         proc.kill(); proc.wait()
         raise
+
+
+def stop_service(proc):
+    proc.terminate()
+    try: proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill(); proc.wait()
 
 
 def client(url, bodies, labels, next_index, total, record):
@@ -107,7 +121,7 @@ def client(url, bodies, labels, next_index, total, record):
 
 
 def load_test(url, bodies, labels, clients=8, requests=3000, warmup=20):
-    "Run the closed-loop load test against `url`; a dict of results."
+    "One closed-loop phase against `url`: `clients` threads sending `requests` in all; a dict of results."
     warm = iter(range(warmup + 1))  # first requests pay for lazy initialisation in the service: not measured
     client(url, bodies, labels, warm.__next__, warmup, lambda *a: None)
     lock, counter = threading.Lock(), iter(range(10**12))
@@ -135,42 +149,79 @@ def load_test(url, bodies, labels, clients=8, requests=3000, warmup=20):
             "top1_accuracy_of_answers": float(np.mean(correct)) if correct else None}
 
 
+def health(url):
+    with urllib.request.urlopen(url + "/health", timeout=10) as r: return json.loads(r.read())
+
+
+def summary(runs):
+    "Medians over repeated runs of the two phases, and their errors added up."
+    med = lambda phase, f: float(np.median([f(r[phase]) for r in runs]))
+    return {"runs": len(runs),
+            "keepalive_1_client": {"p50_ms": med("keepalive", lambda p: p["latency_ms"]["p50"]),
+                                   "p99_ms": med("keepalive", lambda p: p["latency_ms"]["p99"]),
+                                   "requests_per_second": med("keepalive", lambda p: p["requests_per_second"])},
+            "concurrent": {"clients": runs[0]["concurrent"]["clients"],
+                           "requests_per_second": med("concurrent", lambda p: p["requests_per_second"]),
+                           "p50_ms": med("concurrent", lambda p: p["latency_ms"]["p50"]),
+                           "p99_ms": med("concurrent", lambda p: p["latency_ms"]["p99"])},
+            "errors": sum(r[phase]["errors"] for r in runs for phase in ("keepalive", "concurrent")),
+            "healthy_after": all(r["healthy_after"] for r in runs)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", type=Path, help="ONNX model: start `cifarlab serve` with it on a free loopback port")
     where.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="with --model: worker processes to compare (default: 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of both phases for each number of workers (default: 3)")
+    ap.add_argument("--keepalive-requests", type=int, default=500, help="requests of the one-client phase (default: 500)")
+    ap.add_argument("--clients", type=int, default=8, help="clients of the concurrent phase (default: 8)")
+    ap.add_argument("--requests", type=int, default=3000, help="requests of the concurrent phase (default: 3000)")
     ap.add_argument("--images", type=int, default=256, help="how many distinct test images to cycle through")
     ap.add_argument("--data-dir", default="data/cifar10")
     ap.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
     args = ap.parse_args()
+    if args.url and args.workers != [1]: ap.error("--workers applies to a service this script starts (--model)")
 
     bodies, labels = test_images(args.data_dir, args.images)
-    proc, startup = None, None
-    if args.model: proc, url, startup = start_service(args.model)
-    else: url = args.url.rstrip("/")
-    try:
-        health = json.loads(urllib.request.urlopen(url + "/health", timeout=10).read())
-        result = load_test(url, bodies, labels, args.clients, args.requests)
-        alive = json.loads(urllib.request.urlopen(url + "/health", timeout=10).read())["status"] == "ok"
-    finally:
-        if proc is not None:
-            proc.terminate(); proc.wait(timeout=30)
-    result = {"benchmark": "cifarlab serve under load: POST /predict with real CIFAR-10 test images (PNG, 32x32) on loopback",
+    results, model = {}, None
+    for workers in args.workers:
+        proc, startup = None, None
+        if args.model: proc, url, startup = start_service(args.model, workers)
+        else: url = args.url.rstrip("/")
+        try:
+            model = health(url)["model"]
+            runs = []
+            for _ in range(args.repeats):
+                keepalive = load_test(url, bodies, labels, 1, args.keepalive_requests)
+                concurrent = load_test(url, bodies, labels, args.clients, args.requests)
+                runs.append({"keepalive": keepalive, "concurrent": concurrent, "healthy_after": health(url)["status"] == "ok"})
+        finally:
+            if proc is not None: stop_service(proc)
+        results[str(workers)] = {**summary(runs), "service_startup_s": startup, "each_run": runs}
+        s = results[str(workers)]
+        print(f"{workers} worker(s), median of {args.repeats}: 1 client keep-alive p50 {s['keepalive_1_client']['p50_ms']:.2f} ms; "
+              f"{args.clients} clients {s['concurrent']['requests_per_second']:.0f} requests/s, p99 {s['concurrent']['p99_ms']:.1f} ms; "
+              f"{s['errors']} errors", flush=True)
+
+    workers = " ".join(map(str, args.workers))
+    result = {"benchmark": "cifarlab serve on loopback: POST /predict with real CIFAR-10 test images (PNG, 32x32), one "
+                           "keep-alive client, then concurrent clients; medians of repeated runs",
               # the model by file name only: where it lived on the machine that ran it means nothing elsewhere
-              "command": f"uv run python bench/load.py {f'--model {args.model.name}' if args.model else f'--url {url}'} "
-                         f"--clients {args.clients} --requests {args.requests} --images {args.images}",
-              **result, "healthy_after": alive, "service_startup_s": startup,
-              "model": {k: health["model"][k] for k in ("file", "sha256", "test_accuracy")},
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
+              "command": f"uv run python bench/load.py {f'--model {args.model.name} --workers {workers}' if args.model else f'--url {url}'} "
+                         f"--repeats {args.repeats} --keepalive-requests {args.keepalive_requests} --clients {args.clients} "
+                         f"--requests {args.requests} --images {args.images}",
+              "errors": sum(r["errors"] for r in results.values()),
+              "healthy_after": all(r["healthy_after"] for r in results.values()),
+              "workers": results,
+              "model": {k: model[k] for k in ("file", "sha256", "test_accuracy")},
+              "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "platform": platform.platform()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    lat = result["latency_ms"]
-    print(f"{result['requests']} requests from {result['clients']} clients: {result['errors']} errors, "
-          f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, {result['requests_per_second']:.0f} requests/s -> {args.out}")
-    return 0 if result["errors"] == 0 and alive else 1
+    print(f"-> {args.out}")
+    return 0 if result["errors"] == 0 and result["healthy_after"] else 1
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import uvicorn
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi import File, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image, ImageOps
+from uvicorn.supervisors import Multiprocess
 
 # %% auto #0
-__all__ = ['CONTRACT_KEY', 'FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'ModelError', 'Model', 'BadImage',
-           'to_rgb', 'open_image', 'image_to_input', 'create_app', 'main']
+__all__ = ['CONTRACT_KEY', 'FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'ModelError',
+           'Model', 'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'UploadLimit', 'HeadAsGet', 'create_app',
+           'listen', 'app_from_env', 'main']
 
 # %% ../nbs/06_serve.ipynb #c008
 CONTRACT_KEY = "cifarlab"  # the metadata_props key `cifarlab export` writes the contract under
@@ -100,7 +103,9 @@ def open_image(data, max_pixels=MAX_PIXELS, draft_size=None):
     "Decode uploaded bytes: (Pillow image, what the file declared), refusing empty, unknown, corrupt and oversized ones."
     if not data: raise BadImage(400, "the uploaded file is empty")
     try: img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e: raise BadImage(413, f"refused: {e}") from None
+    except Image.DecompressionBombError:  # over Pillow's own, far higher limit: refused as the file is opened
+        raise BadImage(413, f"the image declares over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); "
+                            f"the limit is {max_pixels:,} pixels") from None
     except Exception:
         raise BadImage(415, "the upload is not an image in a format the service reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") from None
     info = {"format": img.format, "mode": img.mode, "width": img.width, "height": img.height}
@@ -125,23 +130,60 @@ PREDICT_EXAMPLE = {"predictions": [{"class": "cat", "index": 3, "probability": 0
                                    {"class": "dog", "index": 5, "probability": 0.06}],
                    "image": {"format": "PNG", "mode": "RGB", "width": 32, "height": 32}, "model": "3b2934b7e72c"}
 
+class UploadLimit:
+    "ASGI middleware: a request body over `max_bytes` (declared or streamed) is answered 413, JSON `detail` naming the limit."
+    def __init__(self, app, max_bytes): self.app, self.max_bytes = app, max_bytes
+
+    def detail(self, declared=None):
+        limit = f"the limit of {self.max_bytes:,} bytes ({self.max_bytes / 2**20:.3g} MiB, --max-upload-mb)"
+        return f"the upload is larger than {limit}" if declared is None else f"the upload is {declared:,} bytes, over {limit}"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:  # refused before reading a byte of it
+            return await JSONResponse({"detail": self.detail(int(declared))}, 413)(scope, receive, send)
+        received = 0
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            # raised inside the route's body parsing, so FastAPI answers it like any HTTPException: JSON `detail`
+            if received > self.max_bytes: raise HTTPException(413, self.detail())
+            return message
+        await self.app(scope, receive_within_limit, send)
+
+class HeadAsGet:
+    "ASGI middleware: `HEAD` answered wherever `GET` is, with GET's status and headers and no body."
+    def __init__(self, app): self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD": return await self.app(scope, receive, send)
+        async def send_headers_only(message):
+            await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
 def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS):
     "The FastAPI application serving the model at `model_path`."
     model = Model(model_path)
     slots = threading.BoundedSemaphore(os.cpu_count() or 1)
-    app = FastAPI(title="cifarlab", version="1", description="CIFAR-10 classification with an exported cifarlab model. "
-                  "POST an image to /predict; GET /health describes the model.")
+    app = FastAPIOffline(title="cifarlab", version="1", static_url="/docs-assets", redoc_url=None,
+                         swagger_ui_parameters={"validatorUrl": None},  # no calls to an online validator
+                         description="CIFAR-10 classification with an exported cifarlab model. POST an image to "
+                         "/predict; GET /health describes the model. The schema is at [/openapi.json](openapi.json).")
     app.state.model = model
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(HeadAsGet)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(): return PAGE
 
     @app.get("/health")
     def health():
-        "Liveness, and the model's facts: classes, test accuracy, file sha256, input contract."
+        "Liveness, and the model's facts: classes, test accuracy, file sha256, input contract; and the upload limits."
         return {"status": "ok", "model": model.facts(), "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}}
 
-    @app.post("/predict", max_body_size=max_upload_bytes, responses={
+    @app.post("/predict", responses={
         200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}},
         400: {"description": "empty, truncated or corrupt image, or a malformed multipart body"},
         413: {"description": f"upload over {max_upload_bytes:,} bytes, or an image over {max_pixels:,} pixels"},
@@ -168,6 +210,7 @@ PAGE = """<!doctype html>
 <title>cifarlab: CIFAR-10 classifier</title>
 <link rel="icon" href="data:,">
 <style>
+  [hidden] { display: none !important; }
   body { font: 16px/1.5 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }
   h1 { font-size: 1.6rem; margin-bottom: .2rem; } #facts { color: #59636e; margin-top: 0; font-size: .9rem; }
   #drop { display: block; border: 2px dashed #8c959f; border-radius: 12px; padding: 2rem 1rem; text-align: center;
@@ -182,7 +225,8 @@ PAGE = """<!doctype html>
   .bar { height: 1rem; background: #eaeef2; border-radius: 4px; overflow: hidden; }
   .fill { height: 100%; background: #0969da; } #results li:first-child .fill { background: #1a7f37; }
   .pct { text-align: right; font-variant-numeric: tabular-nums; }
-  #status.error { color: #cf222e; }
+  #status:empty { display: none; } #status.error { color: #cf222e; }
+  footer { margin-top: 2rem; color: #59636e; font-size: .85rem; }
 </style></head>
 <body>
 <h1>CIFAR-10 classifier</h1>
@@ -191,22 +235,27 @@ PAGE = """<!doctype html>
   <small>any common format and size: it is converted to RGB, its centre cropped to a square and resized to 32&times;32</small>
   <input id="file" class="hidden-input" type="file" accept="image/*"></label>
 <p id="status" role="status" aria-live="polite"></p>
-<div id="out" hidden><img id="preview" alt="the uploaded image"><ol id="results" aria-label="top-5 classes"></ol></div>
+<div id="out" hidden><img id="preview" alt="the uploaded image" hidden><ol id="results" aria-label="top-5 classes"></ol></div>
+<footer>API: <a href="docs">docs</a> &middot; <a href="openapi.json">openapi.json</a></footer>
 <script>
 const $ = (s) => document.querySelector(s);
-const drop = $("#drop"), input = $("#file"), preview = $("#preview"), results = $("#results"), status = $("#status");
+const drop = $("#drop"), input = $("#file"), out = $("#out"), preview = $("#preview"), results = $("#results"),
+      status = $("#status");
 
 fetch("health").then((r) => r.json()).then(({model: m}) => {
   const acc = m.test_accuracy == null ? "not measured" : `${(100 * m.test_accuracy).toFixed(2)}% on ${m.test_images} test images`;
   $("#facts").textContent = `${m.file}: ${m.classes.length} classes, test accuracy ${acc}, sha256 ${m.sha256.slice(0, 12)}`;
 }).catch(() => { $("#facts").textContent = "The service did not answer /health."; });
 
-input.addEventListener("change", () => { if (input.files[0]) classify(input.files[0]); });
+input.addEventListener("change", () => { if (input.files[0]) classify(input.files[0]); input.value = ""; });
 for (const t of ["dragenter", "dragover"]) drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); });
 for (const t of ["dragleave", "drop"]) drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); });
 drop.addEventListener("drop", (e) => { const f = e.dataTransfer.files[0]; if (f) classify(f); });
-// small images (CIFAR-10's are 32x32) are scaled up with square pixels rather than blurred
-preview.addEventListener("load", () => { preview.style.imageRendering = preview.naturalWidth < 160 ? "pixelated" : "auto"; });
+// small images (CIFAR-10's are 32x32) are scaled up with square pixels rather than blurred; one the browser
+// cannot draw (TIFF, say) stays hidden rather than showing a broken-image icon
+preview.addEventListener("load", () => {
+  preview.style.imageRendering = preview.naturalWidth < 160 ? "pixelated" : "auto"; preview.hidden = false; });
+preview.addEventListener("error", () => { preview.hidden = true; });
 
 function row(p) {
   const li = document.createElement("li"), label = document.createElement("span"), bar = document.createElement("div"),
@@ -218,10 +267,13 @@ function row(p) {
   return li;
 }
 
+function clear() {
+  out.hidden = true; preview.hidden = true; results.replaceChildren();
+  if (preview.src) { URL.revokeObjectURL(preview.src); preview.removeAttribute("src"); }
+}
+
 async function classify(file) {
-  if (preview.src) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(file);
-  $("#out").hidden = false; results.replaceChildren();
+  clear();
   status.className = ""; status.textContent = `Classifying ${file.name}...`;
   const body = new FormData(); body.append("file", file);
   try {
@@ -229,10 +281,13 @@ async function classify(file) {
     const text = await r.text();
     let data; try { data = JSON.parse(text); } catch { data = {detail: text}; }
     if (!r.ok) throw new Error(`${r.status}: ${typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)}`);
+    preview.src = URL.createObjectURL(file);
     results.replaceChildren(...data.predictions.map(row));
+    out.hidden = false;
     status.textContent = `${file.name}: ${data.image.format} ${data.image.width}x${data.image.height}`;
   } catch (err) {
-    status.className = "error"; status.textContent = `Not classified. ${err.message}`;
+    clear();
+    status.className = "error"; status.textContent = `${file.name} was not classified. ${err.message}`;
   }
 }
 </script>
@@ -240,6 +295,25 @@ async function classify(file) {
 """
 
 # %% ../nbs/06_serve.ipynb #c025
+SETTINGS_ENV = "CIFARLAB_SERVE_SETTINGS"  # how `--workers N` hands create_app's arguments to the worker processes
+
+def listen(host, port, backlog=2048):
+    """A listening TCP socket on `host`:`port` (0: any free port), created as `IPPROTO_TCP` so that asyncio sets
+    TCP_NODELAY on every connection it accepts from it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        if os.name == "posix": sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as socket.create_server does
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+def app_from_env():
+    "The application of one worker process of `cifarlab serve --workers N`: `create_app` with its parent's settings."
+    return create_app(**json.loads(os.environ[SETTINGS_ENV]))
+
 def main(argv=None):
     "Entry point of `cifarlab serve`."
     p = argparse.ArgumentParser(prog="cifarlab serve", description="Serve an exported model over HTTP: a page at /, "
@@ -247,25 +321,36 @@ def main(argv=None):
     p.add_argument("--model", default="model.onnx", help="ONNX file written by `cifarlab export` (default: model.onnx)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("CIFARLAB_PORT", 8000)),
+                   help="port; 0 picks a free one (default: $CIFARLAB_PORT, or 8000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port, each with its own model session (default: 1)")
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest upload accepted, in MiB (default: 10)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image accepted, in pixels (default: {MAX_PIXELS:,})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     if args.max_upload_mb <= 0 or args.max_pixels <= 0: p.error("--max-upload-mb and --max-pixels must be positive")
-    try: app = create_app(args.model, int(args.max_upload_mb * 2**20), args.max_pixels)
+    if args.workers < 1: p.error("--workers must be at least 1")
+    settings = {"model_path": args.model, "max_upload_bytes": int(args.max_upload_mb * 2**20), "max_pixels": args.max_pixels}
+    try: app = create_app(**settings)
     except ModelError as e:
         print(f"cifarlab serve: error: {e}", file=sys.stderr)
         return 1
-    # bind here rather than in uvicorn: a taken port is then one clear line, and --port 0 picks a free one
-    try: sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    # bind here rather than in uvicorn: a taken port is then one clear line, and --port 0 picks one port for all workers
+    try: sock = listen(args.host, args.port)
     except OSError as e:
         print(f"cifarlab serve: error: cannot listen on {args.host}:{args.port}: {os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
         return 1
     m, port = app.state.model, sock.getsockname()[1]
     acc = m.contract.get("test_accuracy")
     print(f"cifarlab serve: {args.model} ({len(m.classes)} classes, test accuracy "
-          f"{'not measured' if acc is None else f'{acc:.4f}'}, sha256 {m.sha256[:12]}) on http://{args.host}:{port}/",
-          flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+          f"{'not measured' if acc is None else f'{acc:.4f}'}, sha256 {m.sha256[:12]}) on http://{args.host}:{port}/"
+          + (f" with {args.workers} workers" if args.workers > 1 else ""), flush=True)
+    if args.workers == 1:
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    else:
+        del app  # each worker loads the model itself
+        os.environ[SETTINGS_ENV] = json.dumps(settings)
+        config = uvicorn.Config("cifarlab.serve:app_from_env", factory=True, workers=args.workers, log_level=args.log_level)
+        Multiprocess(config, sockets=[sock]).run()
     return 0

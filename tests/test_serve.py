@@ -1,12 +1,17 @@
 """`cifarlab serve` as a real process on loopback, over the small model trained and exported in tests/conftest.py:
 /health, predictions on real CIFAR-10 test images, images of every common kind, each kind of bad request answered
-4xx with the service still answering, decompression bombs refused fast with flat memory, a small load test through
-bench/load.py, and the page in headless Chromium finding the right class."""
+4xx (JSON `detail`) with the service still answering, decompression bombs refused fast with flat memory, HEAD,
+TCP_NODELAY on accepted connections, worker processes, a small load test through bench/load.py, the page in
+headless Chromium finding the right class with nothing broken, and the API docs rendering with the network cut off."""
 import base64
+import ctypes
+import errno
 import functools
 import hashlib
+import http.client
 import io
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -15,10 +20,12 @@ import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 from PIL import Image
 
@@ -206,6 +213,9 @@ def test_bad_request_gets_4xx_and_service_carries_on(server, right_image, name):
     kw, status = bad_requests(right_image[0])[name]
     r = httpx.post(server.url + "/predict", timeout=30, **kw)
     assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and r.json()["detail"], r.text  # every refusal: JSON `detail`
+    if status == 413:  # the limit is named, whether it was the upload's size (declared or streamed) or the image's
+        assert "limit of 1,048,576 bytes" in r.text or "limit is 16,777,216 pixels" in r.text, r.text
     assert_still_serving(server, right_image)
 
 
@@ -228,22 +238,29 @@ def test_bombs_are_refused_fast_with_flat_memory(server, right_image):
 
 
 def test_openapi_docs(server):
-    assert httpx.get(server.url + "/docs").status_code == 200
+    r = httpx.get(server.url + "/docs")  # its scripts and styles come from the service, not from a CDN
+    assert r.status_code == 200 and "/docs-assets/" in r.text and "https://" not in r.text, r.text
+    assert httpx.get(server.url + "/redoc").status_code == 404  # ReDoc's page would fetch its logo from the internet
+    assert httpx.get(server.url + "/docs-assets/swagger-ui-bundle.js").status_code == 200
     spec = httpx.get(server.url + "/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert "file" in json.dumps(spec["components"]) or "file" in json.dumps(body)
     assert {"400", "413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
 
 
-def test_load_small(server, data_dir, tmp_path):
-    "bench/load.py at a small size: concurrent clients, no errors (the benchmark runs it at full size)."
+def test_load_small(exported_model, data_dir, tmp_path):
+    "bench/load.py at a small size, starting the service itself with 2 workers: no errors (the benchmark runs it at full size)."
     out = tmp_path / "load.json"
-    res = run([sys.executable, ROOT / "bench" / "load.py", "--url", server.url, "--clients", "4", "--requests", "200",
-               "--images", "50", "--data-dir", data_dir, "--out", out], timeout=300)
+    res = run([sys.executable, ROOT / "bench" / "load.py", "--model", exported_model[0], "--workers", "2", "--repeats", "1",
+               "--keepalive-requests", "50", "--clients", "4", "--requests", "200", "--images", "50",
+               "--data-dir", data_dir, "--out", out], timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     r = json.loads(out.read_text())
-    assert r["requests"] == 200 and r["errors"] == 0 and r["healthy_after"]
-    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] and r["requests_per_second"] > 0
+    assert r["errors"] == 0 and r["healthy_after"] and r["machine"]["cpu"] and list(r["workers"]) == ["2"]
+    run_ = r["workers"]["2"]["each_run"][0]
+    assert run_["keepalive"]["requests"] == 50 and run_["concurrent"]["requests"] == 200
+    s = r["workers"]["2"]["concurrent"]
+    assert 0 < s["p50_ms"] <= s["p99_ms"] and s["requests_per_second"] > 0
 
 
 @pytest.mark.parametrize("case", ["missing model", "not a model", "port in use"])
@@ -259,26 +276,113 @@ def test_cli_errors(case, server, tmp_path):
             "port in use": "already in use"}[case] in res.stderr
 
 
-def test_page_classifies_a_real_image(server, right_image, browser):
+def test_head_answers_wherever_get_does(server):
+    for path in ("/", "/health", "/docs", "/openapi.json"):
+        get, head = httpx.get(server.url + path), httpx.head(server.url + path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-length"] == str(len(get.content)), path
+    assert httpx.head(server.url + "/predict").status_code == 405  # POST only, like GET
+
+
+def server_side_nodelay(pids, client):
+    """TCP_NODELAY on the service's end of `client`'s connection and the pid holding it, found among the sockets of
+    processes `pids` by copying each descriptor into this process (Linux's pidfd_getfd)."""
+    if not hasattr(os, "pidfd_open"): pytest.skip("needs Linux's pidfd_open and pidfd_getfd")
+    libc, peer = ctypes.CDLL(None, use_errno=True), client.getsockname()
+    for pid in pids:
+        pidfd = os.pidfd_open(pid)
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"): continue
+                except OSError: continue
+                copy = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd(2), the same number on every architecture
+                if copy < 0:
+                    if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM): pytest.skip("pidfd_getfd is not allowed here")
+                    continue
+                with socket.socket(fileno=copy) as s:
+                    try: ours = s.family == client.family and s.getpeername() == peer
+                    except OSError: ours = False
+                    if ours: return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), pid
+        finally: os.close(pidfd)
+    pytest.fail(f"no socket connected to {peer} in processes {pids}")
+
+
+def keepalive_connection(url):
+    "An HTTP connection that has made two requests (so it is a reused, keep-alive one)."
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    for _ in range(2):
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+    return conn
+
+
+def test_accepted_connections_have_tcp_nodelay(server):
+    "The cause of the keep-alive stall, checked in the running service: Nagle's algorithm is off on its connections."
+    conn = keepalive_connection(server.url)
+    nodelay, _ = server_side_nodelay([server.proc.pid], conn.sock)
+    conn.close()
+    assert nodelay != 0
+
+
+def test_workers_share_the_port(exported_model, tmp_path):
+    proc, url, startup = start(exported_model[0], tmp_path, "--workers", "2")
+    try:
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        conn = keepalive_connection(url)
+        nodelay, pid = server_side_nodelay([w.pid for w in workers], conn.sock)
+        conn.close()
+        assert nodelay != 0 and pid in {w.pid for w in workers}  # a worker holds the connection, not the parent
+        assert "with 2 workers" in (tmp_path / "serve.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, alive  # stopping the service stops its workers
+
+
+@pytest.fixture
+def screenshots(tmp_path):
+    "Where the browser tests save screenshots: $CIFARLAB_SCREENSHOTS when set, else the test's temporary folder."
+    d = Path(os.environ.get("CIFARLAB_SCREENSHOTS") or tmp_path)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+BROKEN = """() => [...document.querySelectorAll("body *")].filter((e) => e.checkVisibility()).filter((e) =>
+    (e.tagName === "IMG" && !(e.complete && e.naturalWidth > 0)) ||
+    (e.id === "out" && !document.querySelector("#results li"))).map((e) => e.outerHTML.slice(0, 120))"""
+
+
+def test_page_classifies_a_real_image(server, right_image, browser, screenshots):
     data, expected = right_image
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    # the browser logs a failed fetch (the 415 below) as a console error; anything else is a fault
-    page.on("console", lambda m: m.type == "error" and "415" not in m.text and errors.append(m.text))
+    # the browser logs a refused fetch (the 415 and 413 below) as a console error; anything else is a fault
+    page.on("console", lambda m: m.type == "error" and "415" not in m.text and "413" not in m.text and errors.append(m.text))
     page.goto(server.url + "/")
     page.wait_for_function("document.querySelector('#facts').textContent.includes('test accuracy')")
+    # before any upload: the drop zone, no result box, no broken image
+    assert not page.is_visible("#out") and page.evaluate(BROKEN) == []
+    page.screenshot(path=screenshots / "page-before-upload.png", full_page=True)
 
     # pick a file, as a person does with the file dialog
     page.set_input_files("#file", files=[{"name": "cifar.png", "mimeType": "image/png", "buffer": data}])
     page.wait_for_selector("#results li")
     assert page.locator("#results li").count() == 5
     assert page.locator("#results li .label").first.text_content() == expected
+    page.wait_for_function("document.querySelector('#preview').complete")
     assert page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth") == 32
     widths = page.eval_on_selector_all("#results .fill", "els => els.map(e => parseFloat(e.style.width))")
     assert widths == sorted(widths, reverse=True) and widths[0] > 0
+    assert page.evaluate(BROKEN) == []
+    page.screenshot(path=screenshots / "page-classified.png", full_page=True)
 
-    # drop files on the zone, as a person drags them: first something that is not an image, then the image
+    # drop files on the zone, as a person drags them: something that is not an image, one over the upload limit,
+    # then the image
     def drop(content, name, mime):
         dt = page.evaluate_handle("""([b64, name, mime]) => {
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -286,11 +390,37 @@ def test_page_classifies_a_real_image(server, right_image, browser):
                                   [base64.b64encode(content).decode(), name, mime])
         page.dispatch_event("#drop", "drop", {"dataTransfer": dt})
 
-    drop(b"not an image", "notes.txt", "text/plain")
-    page.wait_for_function("document.querySelector('#status').classList.contains('error')")
-    assert "415" in page.text_content("#status") and page.locator("#results li").count() == 0
+    for content, name, mime, status, shot in [(b"not an image", "notes.txt", "text/plain", "415", "page-refused-415.png"),
+                                              (bytes(2 * MAX_UPLOAD), "huge.png", "image/png", "413", "page-refused-413.png")]:
+        drop(content, name, mime)
+        page.wait_for_function(f"document.querySelector('#status').textContent.includes('{name} was not classified')")
+        text = page.text_content("#status")
+        assert status in text and page.evaluate("document.querySelector('#status').className") == "error", text
+        if status == "413": assert "limit of 1,048,576 bytes" in text, text  # the page shows the limit
+        assert page.locator("#results li").count() == 0 and not page.is_visible("#out")
+        assert page.evaluate(BROKEN) == []  # no broken preview left behind
+        page.screenshot(path=screenshots / shot, full_page=True)
     drop(data, "again.png", "image/png")
     page.wait_for_selector("#results li")
     assert page.locator("#results li .label").first.text_content() == expected
     assert not errors, errors
+    page.close()
+
+
+def test_docs_render_offline(server, browser, screenshots):
+    "/docs in Chromium with every request to a host other than this machine refused: the API's operations are listed."
+    page = browser.new_page()
+    refused = []
+    def only_loopback(route):
+        if urlsplit(route.request.url).hostname in ("127.0.0.1", "localhost"): return route.continue_()
+        refused.append(route.request.url)
+        return route.abort()
+    page.route("**/*", only_loopback)
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+    paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map((e) => e.textContent.trim())")
+    assert {"/predict", "/health"} <= set(paths), paths
+    assert page.is_visible("a[href*='openapi.json']")  # Swagger UI links the schema under the title
+    page.screenshot(path=screenshots / "docs.png", full_page=True)
+    assert refused == [], refused
     page.close()
