@@ -1,0 +1,230 @@
+"""The service image: `Containerfile` built with podman (offline, from a local wheelhouse of the locked `serve`
+dependencies, on a Debian base made with mmdebstrap), run on loopback, and checked as a user would: /health, a real
+CIFAR-10 test image classified as on the host, a bad upload refused, a non-root process, no torch inside; then the
+container and the image removed. Also, without podman: requirements-serve.txt is uv.lock's current export, and what
+`cifarlab serve` imports is in it.
+
+The Debian base tarball and the wheelhouse are kept between runs under ~/.cache/cifarlab-test, keyed by what they are
+made from (the mmdebstrap command; requirements-serve.txt), so a rerun builds only the image."""
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run
+from cifarlab.data import CLASSES, load_split
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab-test"
+REQUIREMENTS = ROOT / "requirements-serve.txt"
+EXPORT = ["uv", "export", "--only-group", "serve", "--no-emit-project", "--frozen"]  # + -o requirements-serve.txt
+# Debian 12 (its python3 is 3.11, the project's): Essential packages and what the image needs, merged /usr done by a
+# hook (no usrmerge, hence no perl), no docs, man pages or translations
+BASE = ["mmdebstrap", "--quiet", "--variant=essential", "--include=python3,python3-venv,ca-certificates,passwd,libstdc++6",
+        "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm"]
+MAX_IMAGE_BYTES = 300 * 10**6
+# this machine's kernel: runc (crun fails on its cgroups) and these limits (higher ones are refused)
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+
+
+def podman(*args, timeout=600, check=True):
+    cmd = ["podman", *(["--runtime", "runc"] if shutil.which("runc") else []), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check: assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def unavailable(why):
+    "Skip where the tools cannot run; under CI (CI=true) they must, so fail instead."
+    if os.environ.get("CI") == "true": pytest.fail(f"{why}: CI must run the container test (.ci/run installs podman)")
+    pytest.skip(why)
+
+
+def key(*parts):
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def base_image():
+    "The Debian base image, imported from the cached mmdebstrap tarball (made first when missing)."
+    k = key(*BASE, platform.machine())
+    tag = f"localhost/cifarlab-test-base:{k}"
+    if podman("image", "exists", tag, check=False).returncode == 0: return tag
+    tar = CACHE / f"base-{k}.tar"
+    if not tar.is_file():
+        if not shutil.which("mmdebstrap"): unavailable("mmdebstrap is not installed (apt-get install mmdebstrap)")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        part = tar.with_suffix(".partial.tar")  # mmdebstrap writes the format the name's extension says
+        res = subprocess.run([*BASE, part], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        part.rename(tar)
+    podman("import", tar, tag)
+    return tag
+
+
+def wheelhouse():
+    "Wheels of requirements-serve.txt for the base (CPython 3.11, glibc 2.36), downloaded once into the cache."
+    arch = platform.machine()
+    d = CACHE / f"wheels-{key(REQUIREMENTS.read_bytes(), arch)}"
+    if d.is_dir(): return d
+    part = d.with_suffix(".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    # wheels a glibc 2.36 system takes (pip does not expand perennial manylinux tags given with --platform)
+    tags = [f"--platform=manylinux_2_{minor}_{arch}" for minor in range(36, 4, -1)]
+    tags += [f"--platform={t}_{arch}" for t in ("manylinux2014", "manylinux2010", "manylinux1")]
+    pip = ["uv", "tool", "run", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+           "--python-version=3.11", "--implementation=cp", *tags, "--dest", part]
+    for args in (["-r", REQUIREMENTS], ["setuptools>=64"]):  # the locked set (hash-checked); cifarlab's build backend
+        res = run([*pip, *args], timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    part.rename(d)
+    return d
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def right_image(exported_model, data_dir):
+    "A real CIFAR-10 test image (as PNG) that ONNX Runtime on this machine classifies correctly, and its class."
+    images, labels = load_split(data_dir, "test")
+    sess = ort.InferenceSession(str(exported_model[0]), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"image": images[:200]})[0]
+    i = int(np.flatnonzero(logits.argmax(1) == labels[:200])[0])
+    return png(images[i].transpose(1, 2, 0)), CLASSES[labels[i]]
+
+
+@pytest.fixture(scope="module")
+def image(exported_model, tmp_path_factory):
+    "The service image built from Containerfile with the network off: (tag, size in bytes, build seconds); removed after."
+    if not shutil.which("podman"): unavailable("podman is not installed (apt-get install podman runc)")
+    info = podman("info", check=False)
+    if info.returncode != 0: unavailable(f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}")
+    base, wheels = base_image(), wheelhouse()
+    ctx = tmp_path_factory.mktemp("context")  # what .dockerignore lets through from the repository, and the wheels
+    for f in ["Containerfile", ".dockerignore", "requirements-serve.txt", "pyproject.toml", "README.md"]:
+        shutil.copy2(ROOT / f, ctx / f)
+    shutil.copytree(ROOT / "cifarlab", ctx / "cifarlab", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(exported_model[0], ctx / "model.onnx")
+    shutil.copytree(wheels, ctx / "wheels")
+    tag = f"localhost/cifarlab-serve-test:{os.getpid()}"
+    t0 = time.perf_counter()
+    # docker format: the OCI image format has no HEALTHCHECK; no layer cache (this podman's COPY cache can miss a change)
+    podman("build", "--format", "docker", "--no-cache", "--network", "none", *LIMITS, "--build-arg", f"BASE={base}",
+           "--build-arg", "MODEL=model.onnx", "-t", tag, "-f", ctx / "Containerfile", ctx, timeout=900)
+    build_s = time.perf_counter() - t0
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout)
+    yield SimpleNamespace(tag=tag, size=size, build_s=build_s)
+    podman("rmi", "--force", tag)
+    assert podman("image", "exists", tag, check=False).returncode == 1
+
+
+@pytest.fixture(scope="module")
+def container(image):
+    "The image running on loopback (host network, a free port): (name, url, seconds until /health answered)."
+    name, port = f"cifarlab-serve-test-{os.getpid()}", free_port()
+    t0 = time.perf_counter()
+    podman("run", "--detach", "--name", name, "--network", "host", *LIMITS, "--env", f"CIFARLAB_PORT={port}", image.tag)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200: break
+            except httpx.TransportError: pass
+            state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            if state != "running" or time.perf_counter() - t0 > 60:
+                pytest.fail(f"the container is {state}, /health not answered: {podman('logs', name, check=False).stderr[-3000:]}")
+            time.sleep(0.05)
+        yield SimpleNamespace(name=name, url=url, startup_s=time.perf_counter() - t0)
+    finally:
+        podman("rm", "--force", name)
+    assert podman("container", "exists", name, check=False).returncode == 1
+
+
+def test_requirements_are_the_locks_serve_group(tmp_path):
+    "requirements-serve.txt is what `uv export --only-group serve` makes of uv.lock now (hashes included)."
+    if not shutil.which("uv"): pytest.skip("uv is not on PATH")
+    res = run([*EXPORT, "-o", tmp_path / "r.txt"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    body = lambda text: [l for l in text.splitlines() if not l.startswith("#")]
+    assert body((tmp_path / "r.txt").read_text()) == body(REQUIREMENTS.read_text()), \
+        "requirements-serve.txt is out of date: run `uv export --only-group serve --no-emit-project --frozen -o requirements-serve.txt`"
+    assert not re.search(r"^(torch|lightning|torchvision)==", REQUIREMENTS.read_text(), flags=re.M)
+
+
+def test_serve_command_runs_with_only_the_serve_group(exported_model):
+    """`cifarlab serve`, from the console script's module to a built app, with every installed distribution outside
+    the serve group (the image's packages) made unimportable: no torch, no Lightning, nothing else needed."""
+    names = re.findall(r"^([A-Za-z0-9_.-]+)==", REQUIREMENTS.read_text(), flags=re.M)
+    code = f"""import importlib.abc, re, sys
+before = set(sys.modules)  # what the interpreter's start imported (site's .pth files)
+from importlib.metadata import packages_distributions
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+serve_group = {{norm(n) for n in {names!r}}}
+hidden = {{m for m, dists in packages_distributions().items()
+          if m != "cifarlab" and not any(norm(d) in serve_group for d in dists)}}
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden: raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Hide())
+import cifarlab.cli, cifarlab.serve  # the console script's module, and the one it runs for `serve`
+cifarlab.serve.create_app({str(exported_model[0])!r}).openapi()
+try: cifarlab.cli.main(["serve", "--help"])
+except SystemExit as e: assert e.code in (0, None), e.code
+print("ok", "torch" in hidden, sorted({{m.split(".")[0] for m in set(sys.modules) - before}} & hidden))"""
+    res = run([sys.executable, "-c", code], timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "ok True []", res.stdout[-2000:]
+
+
+def test_image_is_slim(image):
+    print(f"image: {image.size / 1e6:.0f} MB, built in {image.build_s:.1f} s")
+    assert image.size <= MAX_IMAGE_BYTES, f"{image.size / 1e6:.0f} MB"
+
+
+def test_container_answers_health_quickly(container, exported_model):
+    print(f"container: /health answered {container.startup_s:.2f} s after `podman run`")
+    h = httpx.get(container.url + "/health").json()
+    assert h["status"] == "ok" and h["model"]["sha256"] == hashlib.sha256(exported_model[0].read_bytes()).hexdigest()
+    assert container.startup_s <= 5
+    assert podman("healthcheck", "run", container.name, check=False).returncode == 0  # the image's HEALTHCHECK passes
+
+
+def test_container_classifies_a_real_test_image(container, right_image):
+    data, expected = right_image
+    r = httpx.post(container.url + "/predict", files={"file": ("cifar.png", data, "image/png")}, timeout=30)
+    assert r.status_code == 200 and r.json()["predictions"][0]["class"] == expected, r.text
+
+
+def test_container_refuses_a_bad_upload(container):
+    r = httpx.post(container.url + "/predict", files={"file": ("notes.txt", b"not an image", "text/plain")}, timeout=30)
+    assert r.status_code == 415 and "not an image" in r.json()["detail"], r.text
+
+
+def test_container_runs_as_non_root_without_torch(container):
+    assert podman("exec", container.name, "id", "-u").stdout.strip() != "0"
+    res = podman("exec", container.name, "python", "-c", "import torch", check=False)
+    assert res.returncode != 0 and "No module named 'torch'" in res.stderr, res.stderr
