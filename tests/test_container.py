@@ -131,6 +131,8 @@ def image(exported_model, tmp_path_factory):
     shutil.copy2(exported_model[0], ctx / "model.onnx")
     shutil.copytree(wheels, ctx / "wheels")
     tag = f"localhost/cifarlab-serve-test:{os.getpid()}"
+    dangling = lambda: set(podman("images", "--quiet", "--no-trunc", "--filter", "dangling=true").stdout.split())
+    before = dangling()
     t0 = time.perf_counter()
     # docker format: the OCI image format has no HEALTHCHECK; no layer cache (this podman's COPY cache can miss a change)
     podman("build", "--format", "docker", "--no-cache", "--network", "none", *LIMITS, "--build-arg", f"BASE={base}",
@@ -138,7 +140,7 @@ def image(exported_model, tmp_path_factory):
     build_s = time.perf_counter() - t0
     size = int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout)
     yield SimpleNamespace(tag=tag, size=size, build_s=build_s)
-    podman("rmi", "--force", tag)
+    podman("rmi", "--force", tag, *(dangling() - before))  # and the build stage's image, left untagged
     assert podman("image", "exists", tag, check=False).returncode == 1
 
 
