@@ -79,7 +79,7 @@ def start_service(model, workers=1):
     cli = Path(sys.executable).with_name("cifarlab")
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", "0", "--workers", str(workers),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             "--log_level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()  # "cifarlab serve: MODEL (...) on http://127.0.0.1:PORT/"
         if " on http://" not in line: raise RuntimeError(f"cifarlab serve did not start: {line!r}")

@@ -24,10 +24,10 @@ SUBCOMMANDS = {
     "evaluate": ("cifarlab.experiments:evaluate_command", "test a checkpoint and log metrics and plots with DVCLive"),
     "export": ("cifarlab.export:export_command", "export a checkpoint to ONNX"),
     "verify": ("cifarlab.export:verify_command", "check an ONNX model against PyTorch on the real test set"),
-    "serve": ("cifarlab.serve:main", "serve an ONNX model over HTTP, with a page for people"),
+    "serve": ("cifarlab.serve:serve_command", "serve an ONNX model over HTTP, with a page for people"),
     "tune": ("cifarlab.tune:tune_command", "search a recipe's hyper-parameters with Optuna (validation accuracy, pruning, many workers)"),
 }
-TAKES_ARGV = {"fit", "validate", "test", "serve"}  # commands that parse their own arguments
+TAKES_ARGV = {"fit", "validate", "test"}  # Lightning's own command line parses their arguments
 
 def _entry(name):
     module, func = SUBCOMMANDS[name][0].split(":")

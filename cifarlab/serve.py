@@ -5,7 +5,6 @@
 # %% ../nbs/06_serve.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -21,20 +20,23 @@ import uvicorn
 from fastapi import File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
+from fastcore.script import Param
 from PIL import Image, ImageOps
 from uvicorn.supervisors import Multiprocess
 
+from .env import CifarlabError
+
 # %% auto #0
-__all__ = ['CONTRACT_KEY', 'FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'ModelError',
-           'Model', 'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'UploadLimit', 'HeadAsGet', 'create_app',
-           'listen', 'app_from_env', 'main']
+__all__ = ['CONTRACT_KEY', 'FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS',
+           'ModelError', 'Model', 'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'UploadLimit', 'HeadAsGet',
+           'create_app', 'listen', 'app_from_env', 'serve_command']
 
 # %% ../nbs/06_serve.ipynb #c008
 CONTRACT_KEY = "cifarlab"  # the metadata_props key `cifarlab export` writes the contract under
 FILTERS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
            "hamming": Image.Resampling.HAMMING, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
-class ModelError(Exception):
+class ModelError(CifarlabError):
     "The model file cannot be served; the message says why and what to do."
 
 class Model:
@@ -135,7 +137,7 @@ class UploadLimit:
     def __init__(self, app, max_bytes): self.app, self.max_bytes = app, max_bytes
 
     def detail(self, declared=None):
-        limit = f"the limit of {self.max_bytes:,} bytes ({self.max_bytes / 2**20:.3g} MiB, --max-upload-mb)"
+        limit = f"the limit of {self.max_bytes:,} bytes ({self.max_bytes / 2**20:.3g} MiB, --max_upload_mb)"
         return f"the upload is larger than {limit}" if declared is None else f"the upload is {declared:,} bytes, over {limit}"
 
     async def __call__(self, scope, receive, send):
@@ -314,43 +316,36 @@ def app_from_env():
     "The application of one worker process of `cifarlab serve --workers N`: `create_app` with its parent's settings."
     return create_app(**json.loads(os.environ[SETTINGS_ENV]))
 
-def main(argv=None):
-    "Entry point of `cifarlab serve`."
-    p = argparse.ArgumentParser(prog="cifarlab serve", description="Serve an exported model over HTTP: a page at /, "
-                                "GET /health, POST /predict (multipart field `file`), API docs at /docs.")
-    p.add_argument("--model", default="model.onnx", help="ONNX file written by `cifarlab export` (default: model.onnx)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("CIFARLAB_PORT", 8000)),
-                   help="port; 0 picks a free one (default: $CIFARLAB_PORT, or 8000)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes sharing the port, each with its own model session (default: 1)")
-    p.add_argument("--max-upload-mb", type=float, default=10, help="largest upload accepted, in MiB (default: 10)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image accepted, in pixels (default: {MAX_PIXELS:,})")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    args = p.parse_args(argv)
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0: p.error("--max-upload-mb and --max-pixels must be positive")
-    if args.workers < 1: p.error("--workers must be at least 1")
-    settings = {"model_path": args.model, "max_upload_bytes": int(args.max_upload_mb * 2**20), "max_pixels": args.max_pixels}
-    try: app = create_app(**settings)
-    except ModelError as e:
-        print(f"cifarlab serve: error: {e}", file=sys.stderr)
-        return 1
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+def serve_command(model:str="model.onnx", # ONNX file written by `cifarlab export`
+                  host:str="127.0.0.1", # address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
+                  port:int|None=None, # port; 0 picks a free one (default: $CIFARLAB_PORT, or 8000)
+                  workers:int=1, # worker processes sharing the port, each with its own model session
+                  max_upload_mb:float=10, # largest upload accepted, in MiB
+                  max_pixels:int=MAX_PIXELS, # largest image accepted, in pixels
+                  log_level:Param("uvicorn's log level", str, choices=LOG_LEVELS)="info", # uvicorn's log level
+                 ):
+    "Serve an exported model over HTTP: a page at /, GET /health, POST /predict (multipart field `file`), API docs at /docs."
+    if max_upload_mb <= 0 or max_pixels <= 0: raise CifarlabError("--max_upload_mb and --max_pixels must be positive")
+    if workers < 1: raise CifarlabError("--workers must be at least 1")
+    port = int(os.environ.get("CIFARLAB_PORT", 8000)) if port is None else port
+    settings = {"model_path": model, "max_upload_bytes": int(max_upload_mb * 2**20), "max_pixels": max_pixels}
+    app = create_app(**settings)
     # bind here rather than in uvicorn: a taken port is then one clear line, and --port 0 picks one port for all workers
-    try: sock = listen(args.host, args.port)
+    try: sock = listen(host, port)
     except OSError as e:
-        print(f"cifarlab serve: error: cannot listen on {args.host}:{args.port}: {os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
-        return 1
+        raise CifarlabError(f"cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}") from None
     m, port = app.state.model, sock.getsockname()[1]
     acc = m.contract.get("test_accuracy")
-    print(f"cifarlab serve: {args.model} ({len(m.classes)} classes, test accuracy "
-          f"{'not measured' if acc is None else f'{acc:.4f}'}, sha256 {m.sha256[:12]}) on http://{args.host}:{port}/"
-          + (f" with {args.workers} workers" if args.workers > 1 else ""), flush=True)
-    if args.workers == 1:
-        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    print(f"cifarlab serve: {model} ({len(m.classes)} classes, test accuracy "
+          f"{'not measured' if acc is None else f'{acc:.4f}'}, sha256 {m.sha256[:12]}) on http://{host}:{port}/"
+          + (f" with {workers} workers" if workers > 1 else ""), flush=True)
+    if workers == 1:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     else:
         del app  # each worker loads the model itself
         os.environ[SETTINGS_ENV] = json.dumps(settings)
-        config = uvicorn.Config("cifarlab.serve:app_from_env", factory=True, workers=args.workers, log_level=args.log_level)
+        config = uvicorn.Config("cifarlab.serve:app_from_env", factory=True, workers=workers, log_level=log_level)
         Multiprocess(config, sockets=[sock]).run()
-    return 0
+

@@ -32,7 +32,7 @@ from PIL import Image
 from conftest import BIN, ROOT, env_with_venv, run
 from cifarlab.data import CLASSES, load_split
 
-MAX_UPLOAD = 2**20  # the fixture's --max-upload-mb 1
+MAX_UPLOAD = 2**20  # the fixture's --max_upload_mb 1
 
 
 def free_port():
@@ -60,7 +60,7 @@ def start(model, tmp, *extra):
 @pytest.fixture(scope="module")
 def server(exported_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    proc, url, startup = start(exported_model[0], tmp, "--max-upload-mb", "1")
+    proc, url, startup = start(exported_model[0], tmp, "--max_upload_mb", "1")
     yield SimpleNamespace(url=url, proc=proc, startup_s=startup, log=tmp / "serve.log", model=exported_model[0])
     proc.terminate()
     proc.wait(timeout=30)
