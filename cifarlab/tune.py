@@ -145,6 +145,7 @@ def _candidates(space):
 @contextlib.contextmanager
 def quiet_trials():
     "Silence what every trial's Trainer would print (accelerator lines, seed, tiny-subset hints); warnings stay."
+    import optuna  # first: importing it sets its logger's level
     from cifarlab.experiments import quiet_lightning
     quiet_lightning()
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "optuna")]
@@ -152,7 +153,7 @@ def quiet_trials():
     for l in loggers: l.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")  # tiny subsets in tests
-        warnings.filterwarnings("ignore", category=__import__("optuna").exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # we record heartbeats ourselves (`heartbeat`) for trials started with ask(), the way Study.optimize does
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         try: yield
@@ -367,7 +368,7 @@ def write_best(study, space, path, baseline=None):
     recipe = space.recipe(params)
     recipe.setdefault("trainer", {})["default_root_dir"] = str(path.parent / "best") if path.name == "best.yaml" else f"runs/{path.stem}"
     n = _counts(study)["finished"]
-    lines = [f"Found by `cifarlab tune {space.path.name}` (study {study.study_name!r}): trial {t.number} of {n} finished,",
+    lines = [f"Found by `cifarlab tune {space.path}` (study {study.study_name!r}): trial {t.number} of {n} finished,",
              f"validation accuracy {t.value:.4f}. The base recipe is {space.base.name}; the searched values:",
              *(f"  {k}: {json.dumps(v)}" + (f" (base: {json.dumps(baseline[k])})" if baseline and k in baseline else "")
                for k, v in params.items()),
