@@ -1,4 +1,5 @@
 """Shared fixtures: where the real CIFAR-10 archive is, and the project's environment for subprocesses."""
+import io
 import os
 import shutil
 import subprocess
@@ -101,3 +102,27 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def png(array_or_image, fmt="PNG", **kw):
+    "An image (a uint8 H×W×C array or a Pillow image) encoded as `fmt` (PNG by default)."
+    from PIL import Image
+    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def right_image(exported_model, data_dir):
+    "A real CIFAR-10 test image (as PNG) the model classifies correctly and confidently, and its class."
+    import numpy as np
+    import onnxruntime as ort
+    from cifarlab.data import CLASSES, load_split
+    images, labels = load_split(data_dir, "test")
+    sess = ort.InferenceSession(str(exported_model[0]), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"image": images[:500]})[0]
+    p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    right = np.flatnonzero(p.argmax(1) == labels[:500])
+    i = right[p[right].max(1).argmax()]
+    return png(images[i].transpose(1, 2, 0)), CLASSES[labels[i]]

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run
+from conftest import ROOT, run, png
 from cifarlab.data import CLASSES, load_split
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab-test"
@@ -99,22 +99,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def right_image(exported_model, data_dir):
-    "A real CIFAR-10 test image (as PNG) that ONNX Runtime on this machine classifies correctly, and its class."
-    images, labels = load_split(data_dir, "test")
-    sess = ort.InferenceSession(str(exported_model[0]), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {"image": images[:200]})[0]
-    i = int(np.flatnonzero(logits.argmax(1) == labels[:200])[0])
-    return png(images[i].transpose(1, 2, 0)), CLASSES[labels[i]]
 
 
 @pytest.fixture(scope="module")

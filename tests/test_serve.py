@@ -29,7 +29,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, env_with_venv, run
+from conftest import BIN, ROOT, env_with_venv, run, png
 from cifarlab.data import CLASSES, load_split
 
 MAX_UPLOAD = 2**20  # the fixture's --max_upload_mb 1
@@ -64,25 +64,6 @@ def server(exported_model, tmp_path_factory):
     yield SimpleNamespace(url=url, proc=proc, startup_s=startup, log=tmp / "serve.log", model=exported_model[0])
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def png(array_or_image, fmt="PNG", **kw):
-    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def right_image(exported_model, data_dir):
-    "A real CIFAR-10 test image (as PNG) the model classifies correctly and confidently, and its class."
-    images, labels = load_split(data_dir, "test")
-    sess = ort.InferenceSession(str(exported_model[0]), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {"image": images[:500]})[0]
-    p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
-    right = np.flatnonzero(p.argmax(1) == labels[:500])
-    i = right[p[right].max(1).argmax()]
-    return png(images[i].transpose(1, 2, 0)), CLASSES[labels[i]]
 
 
 def predict(server, data, name="image.png", **kw):

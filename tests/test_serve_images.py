@@ -8,10 +8,7 @@ import pytest
 from PIL import Image
 
 from cifarlab.serve import Model, image_to_input
-
-
-def encoded(img, fmt="PNG", **kw):
-    buf = io.BytesIO(); img.save(buf, fmt, **kw); return buf.getvalue()
+from conftest import png as encoded
 
 
 @pytest.fixture(scope="module")
