@@ -1,7 +1,7 @@
 """Loader throughput: `CIFAR10DataModule` (each split one uint8 tensor, batched crop/flip) against torchvision's
 `CIFAR10` + `DataLoader` with the same augmentation as per-image transforms, in one run on one machine.
 
-    uv run python bench/loader.py [--data-dir data/cifar10] [--repeats 3] [--out bench/results/loader.json]
+    uv run --group bench python bench/loader.py [--data-dir data/cifar10] [--repeats 3] [--out bench/results/loader.json]
 
 Both sides serve the same 45,000 training images (val_size=5000) in shuffled batches of 512 with a reflect-padded
 random crop (4 px), a horizontal flip and normalisation, as float32 tensors on the CPU. The runs alternate, so

@@ -64,7 +64,7 @@ def atomic_path(dest, # the file or folder to write
             else: tmp.unlink()
 
 # %% ../nbs/00_env.ipynb #c006
-REQUIRED_PACKAGES = ("torch", "torchvision", "lightning", "onnx", "onnxruntime", "dvc",
+REQUIRED_PACKAGES = ("torch", "lightning", "torchmetrics", "onnx", "onnxruntime", "dvc",
                      "pandas", "matplotlib", "nbdev")
 
 def package_versions(names=REQUIRED_PACKAGES):
