@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "env": ("cifarlab.env:env_command", "report versions, the accelerator and a checked matrix product"),
     "data": ("cifarlab.data:data_command", "acquire, verify and prepare CIFAR-10"),
     "fit": ("cifarlab.experiments:fit", "train a model (Lightning CLI: -c configs/NAME.yaml, --trainer.*, --model.*, --data.*)"),
+    "train": ("cifarlab.experiments:train", "fit a recipe and test it in one process; one summary line, the record in train.json"),
     "validate": ("cifarlab.experiments:validate", "evaluate a checkpoint on the validation split (Lightning CLI)"),
     "test": ("cifarlab.experiments:test", "evaluate a checkpoint on the test split (Lightning CLI)"),
     "evaluate": ("cifarlab.experiments:evaluate_command", "test a checkpoint and log metrics and plots with DVCLive"),
@@ -27,7 +28,7 @@ SUBCOMMANDS = {
     "serve": ("cifarlab.serve:serve_command", "serve an ONNX model over HTTP, with a page for people"),
     "tune": ("cifarlab.tune:tune_command", "search a recipe's hyper-parameters with Optuna (validation accuracy, pruning, many workers)"),
 }
-TAKES_ARGV = {"fit", "validate", "test"}  # Lightning's own command line parses their arguments
+TAKES_ARGV = {"fit", "train", "validate", "test"}  # Lightning's own command line parses their arguments
 
 def _entry(name):
     module, func = SUBCOMMANDS[name][0].split(":")

@@ -19,7 +19,8 @@ from fastcore.script import store_true
 
 # %% auto #0
 __all__ = ['REQUIRED_PACKAGES', 'CifarlabError', 'check_choice', 'atomic_path', 'package_versions', 'cpu_name',
-           'detect_accelerator', 'synchronize', 'matmul_check', 'env_report', 'format_env_report', 'env_command']
+           'detect_accelerator', 'cpu_flags', 'training_precision', 'synchronize', 'matmul_check', 'env_report',
+           'format_env_report', 'env_command']
 
 # %% ../nbs/00_env.ipynb #c031
 class CifarlabError(Exception):
@@ -100,6 +101,26 @@ def detect_accelerator():
         info.update(kind="cpu", device="cpu", name=cpu_name())
     return info
 
+# %% ../nbs/00_env.ipynb #c011p
+def cpu_flags():
+    "The CPU's feature flags as the OS reports them (Linux), else an empty set."
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"): return set(line.split(":", 1)[1].split())
+    except OSError: pass
+    return set()
+
+def training_precision(accelerator:dict|None=None, # from `detect_accelerator` (default: detect it now)
+                      ):
+    "The fastest Lightning precision that keeps float32 weights here: bf16 autocast where the hardware has bfloat16, else float32."
+    import torch
+    kind = (accelerator or detect_accelerator())["kind"]
+    if kind == "cuda": return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    # x86 CPUs with native bfloat16 arithmetic (AVX-512 BF16, AMX); without it bf16 is emulated and slower than float32
+    if kind == "cpu" and {"avx512_bf16", "amx_bf16"} & cpu_flags(): return "bf16-mixed"
+    return "32-true"
+
 # %% ../nbs/00_env.ipynb #c013
 def synchronize(device:str|None=None, # "cuda", "cuda:N" or "mps"; None: the CUDA device when there is one
                ):
@@ -161,7 +182,8 @@ def format_env_report(report):
                           f"{acc.get('device_count')} device(s))",
                   "mps": "Apple MPS", "cpu": "PyTorch will compute on the CPU"}[acc["kind"]]
         lines += ["", "accelerator", f"  {'device':<12} {acc['kind']}: {detail}",
-                  f"  {'cpu':<12} {acc['cpu']}, {acc['cpu_threads']} threads used by torch of {acc['cpu_count']} logical CPUs"]
+                  f"  {'cpu':<12} {acc['cpu']}, {acc['cpu_threads']} threads used by torch of {acc['cpu_count']} logical CPUs",
+                  f"  {'precision':<12} {training_precision(acc)} (the training recipes' default here)"]
     mm = report.get("matmul")
     if mm:
         lines += ["", f"matmul {mm['n']}x{mm['n']} float32 on {mm['device']}",

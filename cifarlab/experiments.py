@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -17,15 +18,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-from .env import CifarlabError, atomic_path, synchronize
+from .env import CifarlabError, atomic_path, synchronize, training_precision
 from .data import CLASSES, CIFAR10DataModule
 from .model import Classifier
 
 # %% auto #0
 __all__ = ['run_checkpoints', 'quiet_lightning', 'CifarCLI', 'fit', 'validate', 'test', 'EpochProgress', 'PipelineLogger',
            'recipe_objects', 'run_recipe', 'load_curves', 'CheckpointError', 'read_checkpoint', 'load_run',
-           'predict_logits', 'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_command', 'write_results']
+           'predict_logits', 'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_command', 'write_results',
+           'train_summary', 'train']
 
 # %% ../nbs/04_experiments.ipynb #c006
 def run_checkpoints(root_dir):
@@ -54,7 +57,8 @@ class CifarCLI(LightningCLI):
     def __init__(self, args=None, run=True, **kwargs):
         quiet_lightning()
         super().__init__(Classifier, CIFAR10DataModule, args=args, run=run,
-                         trainer_defaults={"default_root_dir": "runs/default"},
+                         # a recipe that names no precision gets the fastest one this machine computes natively
+                         trainer_defaults={"default_root_dir": "runs/default", "precision": training_precision()},
                          save_config_kwargs={"overwrite": True}, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
@@ -146,11 +150,12 @@ def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
               "epochs": trainer.current_epoch, "train_time_s": train_s,
               "images_trained": trainer.global_step * dm.hparams.batch_size * trainer.world_size,
               "val_acc": _metric(trainer, "val_acc"), "device": str(trainer.strategy.root_device),
-              "params": sum(p.numel() for p in model.parameters()), "log_dir": trainer.log_dir,
+              "precision": str(trainer.precision), "params": sum(p.numel() for p in model.parameters()),
+              "log_dir": trainer.log_dir,
               "checkpoint": next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last)}
-    if test:
+    if test:  # the model as training left it, which is the one last.ckpt holds
         trainer.test(model, datamodule=dm, verbose=False)
-        record["test_acc"] = _metric(trainer, "test_acc")
+        record.update(test_acc=_metric(trainer, "test_acc"), test_images=len(dm.splits["test"][1]), tta=model.hparams.tta)
     synchronize(); record["wall_time_s"] = time.perf_counter() - t0
     return record
 
@@ -250,3 +255,43 @@ def write_results(records, path="results/experiments.json"):
     "Write run records as JSON, atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp: tmp.write_text(json.dumps(records, indent=2) + "\n")
+
+# %% ../nbs/04_experiments.ipynb #c961
+def _recipe_and_overrides(argv):
+    "The recipe file (`-c`/`--config`) and the other arguments of a `cifarlab train` command line."
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv): return argv[i + 1], argv[:i] + argv[i + 2:]
+        if a.startswith("--config="): return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    raise CifarlabError("no recipe given: `cifarlab train -c configs/quick.yaml [--trainer.* --model.* --data.*]`.")
+
+def _process_seconds():
+    "Seconds since this process started (Linux), else None."
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError): return None
+
+def train_summary(rec):
+    "The one line `cifarlab train` prints for run record `rec`."
+    since = rec.get("process_s")
+    return (f"{rec['recipe']}: test accuracy {rec['test_acc']:.2%} ({rec['test_images']:,} test images, final model, "
+            f"TTA {rec['tta']}) | training {rec['train_time_s']:.1f} s, {rec['epochs']} epoch{'s' * (rec['epochs'] != 1)}"
+            + (f" | whole command {since:.1f} s" if since else "") +
+            f" | checkpoint {rec['checkpoint']} | record {rec['record']}")
+
+def train(argv=None):
+    "Entry point of `cifarlab train`: fit a recipe, test the final model, print one summary line, write `train.json`."
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print("cifarlab train -c RECIPE [options]: fit the recipe, test the final model on the test split, print one line"
+              " and write train.json in the run's log folder. The options are cifarlab fit's:\n", flush=True)
+        return fit(["--help"])
+    config, overrides = _recipe_and_overrides(argv)
+    if not Path(config).is_file(): raise CifarlabError(f"no recipe at {config}: give a config file, e.g. configs/quick.yaml.")
+    rec = run_recipe(config, *overrides)
+    if rank_zero_only.rank != 0: return 0  # under DDP the other ranks trained and tested too; one reports
+    rec["record"] = str(Path(rec["log_dir"]) / "train.json")
+    rec["process_s"] = _process_seconds()
+    write_results(rec, rec["record"])
+    print(train_summary(rec), flush=True)
+    return 0

@@ -89,12 +89,14 @@ def export_onnx(model, path, mean, std, facts, opset=OPSET):
     module = Deployable(model.cpu().eval(), mean, std).eval()
     example = torch.zeros(2, 3, facts["input"]["height"], facts["input"]["width"], dtype=torch.uint8)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)
+    try: metadata = json.dumps(facts)  # checked first: the export itself takes seconds
+    except (TypeError, ValueError) as e: raise ExportError(f"the contract cannot be stored in the model's metadata: {e}") from None
     try:
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
                                     output_names=[OUTPUT], dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
                                     verbose=False)
         proto = program.model_proto
-        onnx.helper.set_model_props(proto, {CONTRACT_KEY: json.dumps(facts)})
+        onnx.helper.set_model_props(proto, {CONTRACT_KEY: metadata})
         proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
         onnx.checker.check_model(proto)
     except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {_first_line(e)}") from None

@@ -139,6 +139,7 @@ class Classifier(L.LightningModule):
                  label_smoothing:float=0.0, # label smoothing of the training loss
                  tta:TTA="none", # test-time augmentation in validation, test and prediction
                  channels_last:bool=False, # channels-last memory format (faster convolutions on CPUs and GPUs)
+                 compile:bool=False, # torch.compile the network for training (GPUs: faster steps after a slower first one)
                 ):
         super().__init__()
         for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("tta", TTA)):
@@ -156,6 +157,11 @@ class Classifier(L.LightningModule):
 
     def forward(self, x):
         return self.net(x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x)
+
+    def setup(self, stage):
+        # compiled in place (nn.Module.compile): parameters and checkpoint keys stay the eager network's, so a
+        # checkpoint loads, exports and serves the same either way
+        if self.hparams.compile and stage == "fit": self.net.compile()
 
     def on_fit_start(self):
         # data-dependent initialisation (FastNet's whitening stem) from the training split; every DDP rank holds the

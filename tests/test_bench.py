@@ -53,3 +53,44 @@ def test_bad_recipe_path_is_a_clear_error(tmp_path):
     res = run([sys.executable, "bench/train.py", "configs/nope.yaml", "--out", tmp_path / "x.json"])
     assert res.returncode == 2 and "no recipe at configs/nope.yaml" in res.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+# A stand-in for the seed's repository: the shape bench/vs_seed.py relies on (main.py with `run_experiment(config)`
+# and the `experiments` list inside `main()`), answering at once; only exp1's settings give 0.5.
+STAND_IN_MAIN = '''
+def run_experiment(config):
+    return {"config": config, "test_acc": 0.5 if (config["name"], config["epochs"], config["batch_size"]) == ("exp1", 3, 64) else 0.0}
+
+def main():
+    experiments = [
+        {"name": "exp1", "epochs": 3, "batch_size": 64, "learning_rate": 0.001},
+        {"name": "exp2", "epochs": 3, "batch_size": 64, "learning_rate": 0.01},
+    ]
+'''
+
+
+def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp_path, archive, data_dir):
+    seed_repo = tmp_path / "seed"; seed_repo.mkdir()
+    (seed_repo / "main.py").write_text(STAND_IN_MAIN)
+    out = tmp_path / "vs.json"
+    res = run([sys.executable, "bench/vs_seed.py", "--seed-repo", seed_repo, "--seed-python", sys.executable,
+               "--archive", archive, "--seeds", "1", "--seed-runs", "2", "--set=--data.subset=500",
+               "--set=--trainer.enable_model_summary=false", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    # k=0: cifarlab then the seed; k=1: the seed alone (order swaps every round)
+    assert [x["order"] for x in r["runs"]["cifarlab"]] == [0] and [x["order"] for x in r["runs"]["seed_exp1"]] == [1, 2]
+    assert [x["test_acc"] for x in r["runs"]["seed_exp1"]] == [0.5, 0.5]  # exp1's settings, read from main.py
+    c = r["runs"]["cifarlab"][0]
+    assert 0 < c["train_s"] < c["wall_s"] and c["epochs"] == 1 and 0 <= c["test_acc"] <= 1 and c["cpu_s"] > 1
+    assert abs(r["ratio_wall_median"] - r["summary"]["cifarlab"]["wall_s_median"] / r["summary"]["seed_exp1"]["wall_s_median"]) < 1e-12
+    assert r["machine"]["cifarlab_precision"] == c["precision"] and r["machine"]["cpu_flags"]
+    # the seed's data: the archive's batches, unpacked where torchvision's CIFAR10(root="data") looks
+    batches = sorted(p.name for p in (seed_repo / "data" / "cifar-10-batches-py").iterdir())
+    assert batches == sorted(["batches.meta", "test_batch", *[f"data_batch_{i}" for i in range(1, 6)]])
+    assert str(tmp_path) not in json.dumps(r)  # no path of this machine in a file meant for the repo
+
+
+def test_vs_seed_needs_the_seed_checkout(tmp_path):
+    res = run([sys.executable, "bench/vs_seed.py", "--seed-repo", tmp_path, "--seed-python", sys.executable, "--out", tmp_path / "x.json"])
+    assert res.returncode == 2 and "--seed-repo must name a checkout" in res.stderr
