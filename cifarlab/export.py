@@ -84,6 +84,12 @@ def contract(classes, mean, std, normalize, tta, test_accuracy=None, test_images
         "source": source or {},
     }
 
+class _DropTorchvisionNotes(logging.Filter):
+    # the exporter notes, once per torchvision operator, that torchvision is absent; cifarlab's graphs use none of them
+    def filter(self, record): return "torchvision is not installed" not in record.getMessage()
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropTorchvisionNotes())
+
 def export_onnx(model, path, mean, std, facts, opset=OPSET):
     "Write `model` with its normalisation to ONNX at `path` (atomically); `facts` becomes its metadata. Returns it."
     module = Deployable(model.cpu().eval(), mean, std).eval()
