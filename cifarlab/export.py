@@ -25,7 +25,7 @@ from .serve import CONTRACT_KEY  # the service reads what the export writes: one
 
 # %% auto #0
 __all__ = ['INPUT', 'OUTPUT', 'OPSET', 'ExportError', 'sha256_file', 'checkpoint_facts', 'Deployable', 'contract', 'export_onnx',
-           'read_contract', 'export_checkpoint', 'ort_session', 'ort_logits', 'verify', 'export_command',
+           'write_onnx', 'read_contract', 'export_checkpoint', 'ort_session', 'ort_logits', 'verify', 'export_command',
            'format_verify_report', 'verify_command']
 
 # %% ../nbs/05_onnx.ipynb #c008
@@ -106,8 +106,12 @@ def export_onnx(model, path, mean, std, facts, opset=OPSET):
         proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
         onnx.checker.check_model(proto)
     except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {_first_line(e)}") from None
-    with atomic_path(path) as tmp: tmp.write_bytes(proto.SerializeToString())
+    write_onnx(proto, path)
     return facts
+
+def write_onnx(proto, path):
+    "Write the ONNX model `proto` to `path` atomically: a failure leaves the previous file (or none), never a partial one."
+    with atomic_path(path) as tmp: tmp.write_bytes(proto.SerializeToString())
 
 def read_contract(path):
     "The contract stored in the ONNX model at `path`."
