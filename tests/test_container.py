@@ -7,13 +7,10 @@ container and the image removed. Also, without podman: requirements-serve.txt is
 The Debian base tarball and the wheelhouse are kept between runs under ~/.cache/cifarlab-test, keyed by what they are
 made from (the mmdebstrap command; requirements-serve.txt), so a rerun builds only the image."""
 import hashlib
-import io
-import json
 import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
-import onnxruntime as ort
 import pytest
-from PIL import Image
 
-from conftest import ROOT, run, png
-from cifarlab.data import CLASSES, load_split
+from conftest import ROOT, free_port, run
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab-test"
 REQUIREMENTS = ROOT / "requirements-serve.txt"
@@ -93,12 +86,6 @@ def wheelhouse():
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     part.rename(d)
     return d
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +173,13 @@ print("ok", "torch" in hidden, sorted({{m.split(".")[0] for m in set(sys.modules
     assert res.stdout.strip().splitlines()[-1] == "ok True []", res.stdout[-2000:]
 
 
-def test_image_is_slim(image):
-    print(f"image: {image.size / 1e6:.0f} MB, built in {image.build_s:.1f} s")
+def test_image_is_slim(image, record_property):
+    record_property("container image", f"{image.size / 1e6:.0f} MB, built in {image.build_s:.1f} s")
     assert image.size <= MAX_IMAGE_BYTES, f"{image.size / 1e6:.0f} MB"
 
 
-def test_container_answers_health_quickly(container, exported_model):
-    print(f"container: /health answered {container.startup_s:.2f} s after `podman run`")
+def test_container_answers_health_quickly(container, exported_model, record_property):
+    record_property("container /health", f"answered {container.startup_s:.2f} s after `podman run`")
     h = httpx.get(container.url + "/health").json()
     assert h["status"] == "ok" and h["model"]["sha256"] == hashlib.sha256(exported_model[0].read_bytes()).hexdigest()
     assert container.startup_s <= 5

@@ -14,12 +14,8 @@ import torch
 import yaml
 
 from cifarlab.data import is_prepared
-from conftest import BIN, copy_of_repo, env_with_venv, run
+from conftest import BIN, copy_of_repo, env_with_venv, free_port, run
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import errno
 import functools
 import hashlib
 import http.client
-import io
 import json
 import os
 import socket
@@ -24,21 +23,15 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import psutil
 import pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, env_with_venv, run, png
-from cifarlab.data import CLASSES, load_split
+from conftest import BIN, ROOT, env_with_venv, free_port, png, run
+from cifarlab.data import CLASSES
 
 MAX_UPLOAD = 2**20  # the fixture's --max_upload_mb 1
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(model, tmp, *extra):

@@ -5,7 +5,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import BIN, ROOT, env_with_venv, missing
+from conftest import BIN, ROOT, env_with_venv, free_port, missing
 from cifarlab.cli import main
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -37,11 +36,6 @@ space:
 {extra}""")
     return path
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tune_cmd(space, root, *extra):

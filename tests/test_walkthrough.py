@@ -1,7 +1,6 @@
 """The JupyterLab user's walkthrough: every numbered notebook, in order, every cell (slow ones included), in a real
 Jupyter kernel, in a scratch copy of the repo, with `CIFARLAB_QUICK=1` (04_experiments' short schedule).
 `nbdev_test` (tests/test_notebooks.py) still runs the notebooks' tests; this checks what a person's run meets."""
-import os
 import time
 
 import nbformat
@@ -12,7 +11,7 @@ from nbclient.exceptions import CellExecutionError
 from conftest import copy_of_repo
 
 
-def test_every_numbered_notebook_runs_top_to_bottom(tmp_path, data_dir, monkeypatch):
+def test_every_numbered_notebook_runs_top_to_bottom(tmp_path, data_dir, monkeypatch, record_property):
     repo = copy_of_repo(tmp_path / "repo")
     (repo / "data" / "cifar10").symlink_to(data_dir)  # the prepared data, as a user who ran `cifarlab data` has it
     monkeypatch.setenv("CIFARLAB_QUICK", "1")
@@ -31,4 +30,4 @@ def test_every_numbered_notebook_runs_top_to_bottom(tmp_path, data_dir, monkeypa
             where = f"cell {failed} (id {cell.get('id')}): {cell.source.splitlines()[0] if cell.source else ''}" if cell else "a cell"
             pytest.fail(f"{path.name}, {where}\n{str(e)[-3000:]}")
         times[path.name] = round(time.monotonic() - t0, 1)
-    print("walkthrough seconds per notebook:", times, "total", round(sum(times.values()), 1))
+    record_property("walkthrough seconds per notebook", f"{times}, total {sum(times.values()):.1f}")  # in the summary
