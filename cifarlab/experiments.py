@@ -214,9 +214,9 @@ def predict_logits(model, dm, limit=None):
         logits.append(model.predict_step((x, y)).float()); labels.append(y)
     return torch.cat(logits)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
 
-def test_predictions(checkpoint, data_dir=None):
-    "Softmax probabilities (N×10) and labels (N) of the checkpoint's model on the whole test split."
-    logits, labels = predict_logits(*load_run(checkpoint, data_dir))
+def test_predictions(checkpoint, data_dir=None, limit=None):
+    "Softmax probabilities (N×10) and labels (N) of the checkpoint's model on the first `limit` test images (default: all)."
+    logits, labels = predict_logits(*load_run(checkpoint, data_dir), limit=limit)
     return torch.from_numpy(logits).softmax(1).numpy(), labels
 
 def confusion_matrix(preds, labels, n_classes=10):
