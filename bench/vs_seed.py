@@ -10,7 +10,7 @@ repository (its code is never copied here); SEED_PYTHON a Python that imports wh
 the same torch as cifarlab's so the two sides differ in their code alone:
 
     uv venv SCRATCH/env --python 3.11
-    uv pip install --python SCRATCH/env/bin/python torch==<cifarlab's> torchvision pytorch-lightning==<cifarlab's lightning>
+    uv pip install --compile-bytecode --python SCRATCH/env/bin/python torch==<cifarlab's> torchvision pytorch-lightning==<cifarlab's lightning>
 
 The harness verifies CIFAR-10 (the archive `cifarlab data` uses: `--archive` or $CIFARLAB_ARCHIVE) and unpacks it
 as SEED/data/cifar-10-batches-py, where the seed's code reads it. A faithful archive whose batch files differ in
@@ -138,13 +138,28 @@ def shown(path):
     except ValueError: return Path(path).name
 
 
-def machine():
+# Whether a Python finds torch's bytecode written: without it (and with PYTHONDONTWRITEBYTECODE set) every process
+# compiles torch and Lightning again, seconds of each whole command. Asked without importing torch.
+HAS_BYTECODE = ("import importlib.util as u, os; s = u.find_spec('torch'); "
+                "print(bool(s) and os.path.exists(u.cache_from_source(s.origin)))")
+
+
+def bytecode_written(python):
+    res = subprocess.run([str(python), "-c", HAS_BYTECODE], capture_output=True, text=True)
+    return res.stdout.strip() == "True"
+
+
+def machine(seed_python=None):
+    "The machine and the two Pythons, as the JSON records them."
     from cifarlab.env import cpu_flags, cpu_name, training_precision
     import torch
     flags = cpu_flags()
+    bytecode = {"cifarlab": bytecode_written(sys.executable)}
+    if seed_python: bytecode["seed"] = bytecode_written(seed_python)
     return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
-            "cifarlab_precision": training_precision(), "torch": torch.__version__, "python": platform.python_version()}
+            "cifarlab_precision": training_precision(), "torch": torch.__version__, "python": platform.python_version(),
+            "PYTHONDONTWRITEBYTECODE": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")), "torch_bytecode_written": bytecode}
 
 
 def main(argv=None):
@@ -162,7 +177,7 @@ def main(argv=None):
             print(f"{who:>9} {i}: test {r['test_acc']:.4f}  whole process {r['wall_s']:.1f} s  cpu {r['cpu_s']:.0f} s", flush=True)
     summary = {who: summarise(rs) for who, rs in runs.items() if rs}
     result = {"benchmark": "whole processes: the seed's main.py exp1 against cifarlab train, alternated",
-              "recipe": args.recipe, "machine": machine(), "summary": summary, "runs": runs,
+              "recipe": args.recipe, "machine": machine(args.seed_python if args.seed_runs else None), "summary": summary, "runs": runs,
               "command": " ".join(["uv run python bench/vs_seed.py --recipe", args.recipe, "--seeds", str(args.seeds),
                                    "--seed-runs", str(args.seed_runs)]
                                   + (["--seed-repo SEED --seed-python SEED_PYTHON"] if args.seed_runs else [])

@@ -85,6 +85,9 @@ def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp
     assert 0 < c["train_s"] < c["wall_s"] and c["epochs"] == 1 and 0 <= c["test_acc"] <= 1 and c["cpu_s"] > 1
     assert abs(r["ratio_wall_median"] - r["summary"]["cifarlab"]["wall_s_median"] / r["summary"]["seed_exp1"]["wall_s_median"]) < 1e-12
     assert r["machine"]["cifarlab_precision"] == c["precision"] and r["machine"]["cpu_flags"]
+    # both sides here are this environment's Python: whatever it finds of torch's bytecode, it finds for both
+    written = r["machine"]["torch_bytecode_written"]
+    assert set(written) == {"cifarlab", "seed"} and written["cifarlab"] == written["seed"], written
     # the seed's data: the archive's batches, unpacked where torchvision's CIFAR10(root="data") looks
     batches = sorted(p.name for p in (seed_repo / "data" / "cifar-10-batches-py").iterdir())
     assert batches == sorted(["batches.meta", "test_batch", *[f"data_batch_{i}" for i in range(1, 6)]])
