@@ -17,7 +17,6 @@ from cifarlab.data import is_prepared
 from conftest import BIN, copy_of_repo, env_with_venv, free_port, run
 
 
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, archive):
     "A clean copy of the repo whose data stage has been reproduced from the real archive."

@@ -33,7 +33,6 @@ from cifarlab.data import CLASSES
 MAX_UPLOAD = 2**20  # the fixture's --max_upload_mb 1
 
 
-
 def start(model, tmp, *extra):
     "Start `cifarlab serve`; (process, base URL, seconds until /health answered 200)."
     port, log = free_port(), open(tmp / "serve.log", "w")

@@ -37,7 +37,6 @@ space:
     return path
 
 
-
 def tune_cmd(space, root, *extra):
     return [str(BIN / "cifarlab"), "tune", str(space), "--root", str(root), "--probe_every", "500", "--probe_size", "250",
             *map(str, extra)]
