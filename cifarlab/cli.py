@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .env import CifarlabError
+from .core import CifarlabError
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'TAKES_ARGV', 'command_parser', 'run_command', 'usage', 'main']

@@ -23,7 +23,7 @@ import lightning as L
 from fastcore.script import store_true
 from tqdm.auto import tqdm
 
-from .env import CifarlabError, atomic_path, check_choice
+from .core import CifarlabError, atomic_path, check_choice
 
 # %% auto #0
 __all__ = ['CLASSES', 'OFFICIAL_URL', 'OFFICIAL_MD5', 'ARCHIVE_ENV', 'BATCH_DIR', 'SPLIT_BATCHES', 'BATCH_MD5', 'SPLIT_SHA256',

@@ -5,64 +5,17 @@
 # %% ../nbs/00_env.ipynb #c003
 from __future__ import annotations
 
-import contextlib
 from json import dumps
 import os
 import platform
-import tempfile
 import time
-import typing
 from importlib import metadata
-from pathlib import Path
 
 from fastcore.script import store_true
 
 # %% auto #0
-__all__ = ['REQUIRED_PACKAGES', 'CifarlabError', 'check_choice', 'atomic_path', 'package_versions', 'cpu_name',
-           'detect_accelerator', 'cpu_flags', 'training_precision', 'synchronize', 'matmul_check', 'env_report',
-           'format_env_report', 'env_command']
-
-# %% ../nbs/00_env.ipynb #c031
-class CifarlabError(Exception):
-    "A problem a person can fix: the message says what is wrong and what to do."
-
-def check_choice(name:str, # the option's name, for the message
-                 value, # the value given
-                 choices, # a `typing.Literal[...]` type listing the allowed values
-                ):
-    "Return `value` if it is one of the `Literal` type `choices`' values; else raise `ValueError` naming them."
-    allowed = typing.get_args(choices)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
-    return value
-
-# %% ../nbs/00_env.ipynb #c033
-@contextlib.contextmanager
-def atomic_path(dest, # the file or folder to write
-                folder:bool=False, # write a folder rather than a file
-               ):
-    "Yield a temporary sibling of `dest` to write; on success it replaces `dest` (synced to disk), on failure it is removed."
-    dest = Path(dest)
-    if not dest.parent.is_dir():
-        raise CifarlabError(f"cannot write {dest}: folder {dest.parent} does not exist.")
-    make = tempfile.mkdtemp if folder else tempfile.mkstemp
-    made = make(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    tmp = Path(made if folder else made[1])
-    if not folder: os.close(made[0])
-    try:
-        yield tmp
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkstemp/mkdtemp make it private; ours is an ordinary one
-        for f in (tmp.rglob("*") if folder else [tmp]):
-            if f.is_file():
-                with open(f, "rb") as fh: os.fsync(fh.fileno())
-        if folder and dest.exists():
-            import shutil; shutil.rmtree(dest)  # a folder cannot be renamed over a non-empty one
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            if folder: import shutil; shutil.rmtree(tmp)
-            else: tmp.unlink()
+__all__ = ['REQUIRED_PACKAGES', 'package_versions', 'cpu_name', 'detect_accelerator', 'cpu_flags', 'training_precision',
+           'synchronize', 'matmul_check', 'env_report', 'format_env_report', 'env_command']
 
 # %% ../nbs/00_env.ipynb #c006
 REQUIRED_PACKAGES = ("torch", "lightning", "torchmetrics", "onnx", "onnxruntime", "dvc",
@@ -77,14 +30,16 @@ def package_versions(names=REQUIRED_PACKAGES):
     return versions
 
 # %% ../nbs/00_env.ipynb #c009
-def cpu_name():
-    "The CPU's model name, as the OS reports it."
+def _cpuinfo(field):
+    "The value of the first `field` line of /proc/cpuinfo (Linux), else None."
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
+    except OSError: return None
+
+def cpu_name():
+    "The CPU's model name, as the OS reports it."
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 # %% ../nbs/00_env.ipynb #c010
 def detect_accelerator():
@@ -104,12 +59,7 @@ def detect_accelerator():
 # %% ../nbs/00_env.ipynb #c011p
 def cpu_flags():
     "The CPU's feature flags as the OS reports them (Linux), else an empty set."
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"): return set(line.split(":", 1)[1].split())
-    except OSError: pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 def training_precision(accelerator:dict|None=None, # from `detect_accelerator` (default: detect it now)
                       ):

@@ -14,13 +14,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from .env import CifarlabError, atomic_path, synchronize, training_precision
+from .core import CifarlabError, first_line, write_json
+from .env import synchronize, training_precision
 from .data import CLASSES, CIFAR10DataModule
 from .model import Classifier
 
@@ -174,7 +176,6 @@ def load_curves(log_dir):
 class CheckpointError(CifarlabError):
     "A checkpoint is missing, unreadable or not a cifarlab run's; the message says which."
 
-def _first_line(e): return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 def read_checkpoint(path):
     "The checkpoint at `path` as plain data, loaded without running code from the file and checked to be a cifarlab run's."
@@ -183,7 +184,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} does not exist: give the path of a .ckpt file written by `cifarlab fit` "
                               "(e.g. runs/exp1/checkpoints/last.ckpt).")
     try: ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as e: raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}).") from None
+    except Exception as e: raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}).") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "datamodule_hyper_parameters"} <= set(ckpt):
         raise CheckpointError(f"{path} is not a checkpoint of a cifarlab run: write one with `cifarlab fit`.")
     return ckpt
@@ -200,7 +201,7 @@ def load_run(checkpoint, # a checkpoint written by `cifarlab fit`
         model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
         dm = CIFAR10DataModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **override)
     except Exception as e:
-        raise CheckpointError(f"cannot rebuild the run in {checkpoint} ({_first_line(e)}): was it written by this "
+        raise CheckpointError(f"cannot rebuild the run in {checkpoint} ({first_line(e)}): was it written by this "
                               "version of cifarlab?") from None
     dm.setup("test")
     return model, dm
@@ -253,8 +254,7 @@ def evaluate_command(checkpoint:str, # a checkpoint written by `cifarlab fit`
 # %% ../nbs/04_experiments.ipynb #c020
 def write_results(records, path="results/experiments.json"):
     "Write run records as JSON, atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp: tmp.write_text(json.dumps(records, indent=2) + "\n")
+    write_json(path, records)
 
 # %% ../nbs/04_experiments.ipynb #c961
 def _recipe_and_overrides(argv):
@@ -263,13 +263,6 @@ def _recipe_and_overrides(argv):
         if a in ("-c", "--config") and i + 1 < len(argv): return argv[i + 1], argv[:i] + argv[i + 2:]
         if a.startswith("--config="): return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
     raise CifarlabError("no recipe given: `cifarlab train -c configs/quick.yaml [--trainer.* --model.* --data.*]`.")
-
-def _process_seconds():
-    "Seconds since this process started (Linux), else None."
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError): return None
 
 def train_summary(rec):
     "The one line `cifarlab train` prints for run record `rec`."
@@ -291,7 +284,7 @@ def train(argv=None):
     rec = run_recipe(config, *overrides)
     if rank_zero_only.rank != 0: return 0  # under DDP the other ranks trained and tested too; one reports
     rec["record"] = str(Path(rec["log_dir"]) / "train.json")
-    rec["process_s"] = _process_seconds()
+    rec["process_s"] = time.time() - psutil.Process().create_time()  # the whole command, start-up included
     write_results(rec, rec["record"])
     print(train_summary(rec), flush=True)
     return 0

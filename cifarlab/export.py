@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from fastcore.script import store_true
 
-from .env import CifarlabError, atomic_path
+from .core import CifarlabError, atomic_path, first_line, write_json
 from .data import CLASSES, normalization
 from .experiments import load_run, predict_logits, read_checkpoint
 from .serve import CONTRACT_KEY  # the service reads what the export writes: one name for the key
@@ -35,7 +35,6 @@ OPSET = 18
 class ExportError(CifarlabError):
     "A checkpoint or model file cannot be exported or verified; the message says why and what to do."
 
-def _first_line(e): return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 def sha256_file(path):
     "Hex sha256 of the file at `path`."
@@ -105,7 +104,7 @@ def export_onnx(model, path, mean, std, facts, opset=OPSET):
         onnx.helper.set_model_props(proto, {CONTRACT_KEY: metadata})
         proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
         onnx.checker.check_model(proto)
-    except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {_first_line(e)}") from None
+    except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {first_line(e)}") from None
     write_onnx(proto, path)
     return facts
 
@@ -118,7 +117,7 @@ def read_contract(path):
     path = Path(path)
     if not path.is_file(): raise ExportError(f"model {path} does not exist: write it with `cifarlab export CKPT --output {path}`.")
     try: proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e: raise ExportError(f"{path} is not an ONNX model ({_first_line(e)}).") from None
+    except Exception as e: raise ExportError(f"{path} is not an ONNX model ({first_line(e)}).") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if CONTRACT_KEY not in props:
         raise ExportError(f"{path} is an ONNX model without cifarlab's contract in its metadata: export it with `cifarlab export`.")
@@ -145,7 +144,7 @@ def ort_session(path, threads=None):
     opts = ort.SessionOptions()
     if threads: opts.intra_op_num_threads = threads
     try: return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e: raise ExportError(f"ONNX Runtime cannot load {path} ({_first_line(e)}).") from None
+    except Exception as e: raise ExportError(f"ONNX Runtime cannot load {path} ({first_line(e)}).") from None
 
 def ort_logits(session, images, batch_size=500):
     "Logits of ONNX Runtime `session` for uint8 N×3×H×W `images`, in batches."
@@ -227,7 +226,5 @@ def verify_command(model:str, # ONNX file written by `cifarlab export`
     headline = {"onnx": {"acc": r["onnx_accuracy"], "torch_acc": r["torch_accuracy"], "agreement": r["agreement"],
                          "max_logit_diff": r["max_abs_logit_diff"], "passed": r["passed"]}}
     for path, data in ((report, r), (metrics, headline)):
-        if not path: continue
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp: tmp.write_text(json.dumps(data, indent=2) + "\n")
+        if path: write_json(path, data)
     return 0 if r["passed"] else 1

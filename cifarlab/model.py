@@ -14,7 +14,7 @@ import lightning as L
 import torchmetrics
 from lightning.pytorch.core.mixins import HyperparametersMixin
 
-from .env import check_choice
+from .core import check_choice
 
 # %% auto #0
 __all__ = ['Stem', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet',

@@ -24,7 +24,7 @@ from fastcore.script import Param
 from PIL import Image, ImageOps
 from uvicorn.supervisors import Multiprocess
 
-from .env import CifarlabError
+from .core import CifarlabError
 
 # %% auto #0
 __all__ = ['CONTRACT_KEY', 'FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS',

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 import yaml
 
-from .env import CifarlabError, atomic_path, check_choice
+from .core import CifarlabError, atomic_path, check_choice, first_line
 
 # %% auto #0
 __all__ = ['DISTRIBUTIONS', 'Pruner', 'TuneError', 'make_distribution', 'SearchSpace', 'load_space', 'quiet_trials',
@@ -233,10 +233,6 @@ def worker_gone(worker):
     return start != "None" and str(_start_time(pid)) != start  # the pid now belongs to another process
 
 # %% ../nbs/08_tune.ipynb #c018
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
 def shown_url(url):
     "`url` with any password hidden, for messages."
     from sqlalchemy.engine import make_url
@@ -256,7 +252,7 @@ def open_storage(url, # a SQLAlchemy database URL: sqlite:///path.db, postgresql
     from sqlalchemy.engine import make_url
     try: u = make_url(url)
     except Exception as e:
-        raise TuneError(f"malformed storage URL {url!r} ({_first_line(e)}): expected e.g. sqlite:///runs/tune/study.db "
+        raise TuneError(f"malformed storage URL {url!r} ({first_line(e)}): expected e.g. sqlite:///runs/tune/study.db "
                         "or postgresql://user@host:5432/dbname") from None
     shown = u.render_as_string(hide_password=True)
     kw = {}
@@ -271,7 +267,7 @@ def open_storage(url, # a SQLAlchemy database URL: sqlite:///path.db, postgresql
             return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                                               heartbeat_stale_trial_callback=on_stale)
     except Exception as e:
-        raise TuneError(f"cannot open storage {shown}: {_first_line(e)}") from None
+        raise TuneError(f"cannot open storage {shown}: {first_line(e)}") from None
 
 # %% ../nbs/08_tune.ipynb #c021
 Pruner = Literal["median", "halving", "none"]
@@ -465,9 +461,9 @@ def run_one(study, storage, space, trial, run_dir, heartbeat_s=30, probe_every=1
         retry_trial(study, storage.get_trial(trial._trial_id))
         raise Interrupted(trial.number) from None
     except Exception as e:
-        trial.set_user_attr("error", f"{type(e).__name__}: {_first_line(e)}")
+        trial.set_user_attr("error", f"{first_line(e)}")
         study.tell(trial, state=TrialState.FAIL)
-        return "FAIL", f"failed: {type(e).__name__}: {_first_line(e)}"
+        return "FAIL", f"failed: {first_line(e)}"
     trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
     study.tell(trial, value)
     return "COMPLETE", f"val_acc {value:.4f}"
