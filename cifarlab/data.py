@@ -178,16 +178,19 @@ def channel_stats(images):
 # %% ../nbs/02_data.ipynb #c023
 def _files(split): return f"{split}_images.npy", f"{split}_labels.npy"
 
+_REPREPARE = "run `cifarlab data` to prepare the data again from the archive."
+
 def check_split(split, images, labels):
     "Raise `DataError` unless `images`/`labels` are CIFAR-10's `split`, pixel for pixel and label for label."
     n = len(SPLIT_BATCHES[split]) * BATCH_SIZE
     if images.shape != (n, 3, 32, 32) or images.dtype != np.uint8 or labels.shape != (n,):
-        raise DataError(f"prepared {split} split has shape {images.shape} {images.dtype}, expected ({n}, 3, 32, 32) uint8.")
+        raise DataError(f"prepared {split} split has shape {images.shape} {images.dtype}, expected ({n}, 3, 32, 32) "
+                        f"uint8: {_REPREPARE}")
     if hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest() != SPLIT_SHA256[split]:
-        raise DataError(f"prepared {split} images differ from the real CIFAR-10.")
+        raise DataError(f"prepared {split} images differ from the real CIFAR-10: {_REPREPARE}")
     for i, name in enumerate(SPLIT_BATCHES[split]):
         if md5(labels[i * BATCH_SIZE:(i + 1) * BATCH_SIZE].astype(np.uint8).tobytes()) != BATCH_MD5[name][1]:
-            raise DataError(f"prepared {split} labels differ from the real CIFAR-10 ({name}).")
+            raise DataError(f"prepared {split} labels differ from the real CIFAR-10 ({name}): {_REPREPARE}")
 
 # %% ../nbs/02_data.ipynb #c024
 _VERIFIED = set()  # identities of prepared files already checked in this process
