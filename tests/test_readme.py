@@ -1,0 +1,84 @@
+"""README.md's measured figures: its Results tables are what bench/tables.py makes of the benchmarks' JSON files and
+the pipeline's verify report, a changed figure in one of those makes `--check` fail, and the prose outside the
+generated block types no measured figure of its own."""
+import json
+import re
+import shutil
+import sys
+
+from conftest import ROOT, run
+
+TABLES = ROOT / "bench" / "tables.py"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def tables(*args):
+    return run([sys.executable, TABLES, *args], timeout=60)
+
+
+def test_readme_tables_are_current():
+    res = tables("--check")
+    assert res.returncode == 0, res.stderr
+
+
+def scratch(tmp_path):
+    "Copies of README.md, bench/results and reports/verify.json, and the options that point bench/tables.py at them."
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copytree(ROOT / "bench" / "results", tmp_path / "results")
+    (tmp_path / "reports").mkdir()
+    shutil.copy(ROOT / "reports" / "verify.json", tmp_path / "reports")
+    return ["--readme", tmp_path / "README.md", "--results", tmp_path / "results", "--reports", tmp_path / "reports"]
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def outside_block(text): return text.split(START)[0], text.split(END)[1]
+
+
+def test_changed_benchmark_figure_fails_the_check_until_rewritten(tmp_path):
+    opts = scratch(tmp_path)
+    assert tables("--check", *opts).returncode == 0
+    edit_json(tmp_path / "results" / "quick_vs_seed.json",
+              lambda d: d["summary"]["cifarlab"].update(wall_s_median=d["summary"]["cifarlab"]["wall_s_median"] + 10))
+    res = tables("--check", *opts)
+    assert res.returncode == 1
+    assert "run `uv run python bench/tables.py`" in res.stderr
+    assert re.search(r"^\+\| `cifarlab train -c configs/quick.yaml` .* 41\.3 s \|", res.stderr, flags=re.M), res.stderr
+    before = (tmp_path / "README.md").read_text()
+    assert tables(*opts).returncode == 0  # rewriting the block brings it in line, and touches nothing else
+    after = (tmp_path / "README.md").read_text()
+    assert tables("--check", *opts).returncode == 0
+    assert outside_block(after) == outside_block(before) and after != before
+
+
+def test_changed_pipeline_accuracy_fails_the_check(tmp_path):
+    opts = scratch(tmp_path)
+    edit_json(tmp_path / "reports" / "verify.json", lambda d: d.update(onnx_accuracy=d["onnx_accuracy"] - 0.01))
+    res = tables("--check", *opts)
+    assert res.returncode == 1 and "README.md's results differ" in res.stderr
+
+
+def test_benchmark_without_a_table_is_an_error(tmp_path):
+    opts = scratch(tmp_path)
+    (tmp_path / "results" / "new.json").write_text(json.dumps({"benchmark": "something new", "machine": {}}))
+    res = tables("--check", *opts)
+    assert res.returncode == 1 and "new.json: no table for the benchmark 'something new'" in res.stderr
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    opts = scratch(tmp_path)
+    (tmp_path / "README.md").write_text("# cifarlab\n")
+    res = tables(*opts)
+    assert res.returncode == 1 and "results:start" in res.stderr
+
+
+def test_measured_figures_only_in_the_results_block():
+    "Timings, rates, sizes and decimal percentages outside the generated block would go stale unseen."
+    prose = "".join(outside_block((ROOT / "README.md").read_text()))
+    unit = r"(?:%|ms|s|min|minutes|seconds|hours|MB|GB|MiB|GiB|images/s|requests/s|GFLOP/s)"
+    figures = re.findall(rf"(?<![\w.])(?:\d+\.\d+\s?%|\d[\d,.]*\s?{unit.replace('%|', '')}(?![\w/]))", prose)
+    assert not figures, figures
