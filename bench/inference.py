@@ -26,7 +26,8 @@ import onnxruntime as ort
 import torch
 
 from cifarlab.env import cpu_name
-from cifarlab.experiments import load_run, write_results
+from cifarlab.evaluate import load_run
+from cifarlab.experiments import write_results
 from cifarlab.export import Deployable, checkpoint_facts, export_checkpoint, ort_session, read_contract
 
 

@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "train": ("cifarlab.experiments:train", "fit a recipe and test it in one process; one summary line, the record in train.json"),
     "validate": ("cifarlab.experiments:validate", "evaluate a checkpoint on the validation split (Lightning CLI)"),
     "test": ("cifarlab.experiments:test", "evaluate a checkpoint on the test split (Lightning CLI)"),
-    "evaluate": ("cifarlab.experiments:evaluate_command", "test a checkpoint and log metrics and plots with DVCLive"),
+    "evaluate": ("cifarlab.evaluate:evaluate_command", "test a checkpoint and log metrics and plots with DVCLive"),
     "export": ("cifarlab.export:export_command", "export a checkpoint to ONNX"),
     "verify": ("cifarlab.export:verify_command", "check an ONNX model against PyTorch on the real test set"),
     "serve": ("cifarlab.serve:serve_command", "serve an ONNX model over HTTP, with a page for people"),

@@ -5,32 +5,28 @@
 # %% ../nbs/04_experiments.ipynb #c003
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import psutil
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from .core import CifarlabError, first_line, write_json
+from .core import CifarlabError, write_json
 from .env import synchronize, training_precision
-from .data import CLASSES, CIFAR10DataModule
+from .data import CIFAR10DataModule
 from .model import Classifier
 
 # %% auto #0
 __all__ = ['run_checkpoints', 'quiet_lightning', 'CifarCLI', 'fit', 'validate', 'test', 'EpochProgress', 'PipelineLogger',
-           'recipe_objects', 'run_recipe', 'load_curves', 'CheckpointError', 'read_checkpoint', 'load_run',
-           'predict_logits', 'test_predictions', 'confusion_matrix', 'evaluate', 'evaluate_command', 'write_results',
-           'train_summary', 'train']
+           'recipe_objects', 'run_recipe', 'load_curves', 'write_results', 'train_summary', 'train']
 
 # %% ../nbs/04_experiments.ipynb #c006
 def run_checkpoints(root_dir):
@@ -54,14 +50,22 @@ def quiet_lightning():
     warnings.filterwarnings("ignore", message=r"``instantiate_classes`` was deprecated")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
 
+@contextmanager
+def _args_only():
+    "Hide the process's own command line from LightningCLI: the run is defined by the `args` it is given."
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try: yield
+    finally: sys.argv = argv
+
 class CifarCLI(LightningCLI):
-    "LightningCLI for cifarlab: `Classifier` + `CIFAR10DataModule`, logs and checkpoints under `<default_root_dir>`."
+    "LightningCLI for cifarlab: `Classifier` + `CIFAR10DataModule`, logs and checkpoints under `<default_root_dir>`; given `args`, only they define the run."
     def __init__(self, args=None, run=True, **kwargs):
         quiet_lightning()
-        super().__init__(Classifier, CIFAR10DataModule, args=args, run=run,
-                         # a recipe that names no precision gets the fastest one this machine computes natively
-                         trainer_defaults={"default_root_dir": "runs/default", "precision": training_precision()},
-                         save_config_kwargs={"overwrite": True}, **kwargs)
+        with _args_only() if args is not None else nullcontext():
+            super().__init__(Classifier, CIFAR10DataModule, args=args, run=run,
+                             # a recipe that names no precision gets the fastest one this machine computes natively
+                             trainer_defaults={"default_root_dir": "runs/default", "precision": training_precision()},
+                             save_config_kwargs={"overwrite": True}, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
         trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
@@ -72,19 +76,10 @@ class CifarCLI(LightningCLI):
         bar = trainer.enable_progress_bar if trainer.enable_progress_bar is not None else sys.stderr.isatty()
         return super().instantiate_trainer(**kwargs, callbacks=callbacks, logger=logger, enable_progress_bar=bar)
 
-@contextmanager
-def _args_only():
-    "Hide the process's own command line from LightningCLI: the run is defined by the `args` it is given."
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try: yield
-    finally: sys.argv = argv
-
 def _run_cli(subcommand, argv):
     argv = list(sys.argv[2:] if argv is None else argv)
-    if sys.argv[1:] == [subcommand, *argv]:
-        CifarCLI()  # the process's own command line, which DDP's launcher re-runs for the other ranks
-    else:
-        with _args_only(): CifarCLI(args=[subcommand, *argv])
+    if sys.argv[1:] == [subcommand, *argv]: CifarCLI()  # the process's own command line, which DDP's launcher re-runs
+    else: CifarCLI(args=[subcommand, *argv])
     return 0
 
 def fit(argv=None):
@@ -137,7 +132,7 @@ class PipelineLogger(DVCLiveLogger):
 # %% ../nbs/04_experiments.ipynb #c010
 def recipe_objects(config, *overrides):
     "The (trainer, model, datamodule) that `cifarlab fit -c config *overrides` would build, unstarted."
-    with _args_only(): cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
+    cli = CifarCLI(args=["-c", str(config), *overrides], run=False)
     return cli.trainer, cli.model, cli.datamodule
 
 def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
@@ -154,7 +149,8 @@ def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
               "val_acc": _metric(trainer, "val_acc"), "device": str(trainer.strategy.root_device),
               "precision": str(trainer.precision), "params": sum(p.numel() for p in model.parameters()),
               "log_dir": trainer.log_dir,
-              "checkpoint": next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last)}
+              # relative to where the run started, like log_dir: a record holds no path of the machine it ran on
+              "checkpoint": os.path.relpath(next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last))}
     if test:  # the model as training left it, which is the one last.ckpt holds
         trainer.test(model, datamodule=dm, verbose=False)
         record.update(test_acc=_metric(trainer, "test_acc"), test_images=len(dm.splits["test"][1]), tta=model.hparams.tta)
@@ -172,84 +168,6 @@ def load_curves(log_dir):
     m = pd.read_csv(Path(log_dir) / "metrics.csv")
     cols = [c for c in ("train_loss", "train_acc", "val_loss", "val_acc") if c in m]
     return m.groupby("epoch")[cols].mean().dropna(how="all").reset_index()  # test rows carry no curve
-
-class CheckpointError(CifarlabError):
-    "A checkpoint is missing, unreadable or not a cifarlab run's; the message says which."
-
-
-def read_checkpoint(path):
-    "The checkpoint at `path` as plain data, loaded without running code from the file and checked to be a cifarlab run's."
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: give the path of a .ckpt file written by `cifarlab fit` "
-                              "(e.g. runs/exp1/checkpoints/last.ckpt).")
-    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as e: raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}).") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "datamodule_hyper_parameters"} <= set(ckpt):
-        raise CheckpointError(f"{path} is not a checkpoint of a cifarlab run: write one with `cifarlab fit`.")
-    return ckpt
-
-def load_run(checkpoint, # a checkpoint written by `cifarlab fit`
-             data_dir=None, # prepared data to use instead of the run's own `data.data_dir`
-            ):
-    "The run's `Classifier` (evaluation mode) and `CIFAR10DataModule` (set up), rebuilt on the CPU from `checkpoint`."
-    read_checkpoint(checkpoint)
-    quiet_lightning()
-    # the whole test split, whatever subset the run trained on (a subset keeps the first N: the same images first)
-    override = {"subset": None, **({"data_dir": str(data_dir)} if data_dir else {})}
-    try:
-        model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-        dm = CIFAR10DataModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **override)
-    except Exception as e:
-        raise CheckpointError(f"cannot rebuild the run in {checkpoint} ({first_line(e)}): was it written by this "
-                              "version of cifarlab?") from None
-    dm.setup("test")
-    return model, dm
-
-@torch.inference_mode()
-def predict_logits(model, dm, limit=None):
-    "Logits (N×10, float32) of `model` on the first `limit` images (default: all) of `dm`'s test split, and their labels."
-    logits, labels = [], []
-    for x, y in dm.test_dataloader():
-        if limit is not None and sum(map(len, labels)) >= limit: break
-        logits.append(model.predict_step((x, y)).float()); labels.append(y)
-    return torch.cat(logits)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
-
-def test_predictions(checkpoint, data_dir=None, limit=None):
-    "Softmax probabilities (N×10) and labels (N) of the checkpoint's model on the first `limit` test images (default: all)."
-    logits, labels = predict_logits(*load_run(checkpoint, data_dir), limit=limit)
-    return torch.from_numpy(logits).softmax(1).numpy(), labels
-
-def confusion_matrix(preds, labels, n_classes=10):
-    "Counts[i, j] of test images of class i predicted as class j (torchmetrics)."
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-    return multiclass_confusion_matrix(torch.as_tensor(preds), torch.as_tensor(labels), n_classes).numpy()
-
-# %% ../nbs/04_experiments.ipynb #c017
-def evaluate(checkpoint, data_dir=None, out_dir="dvclive/evaluate"):
-    "Test a checkpoint; log its accuracy, and plots of the confusion matrix and per-class accuracy, with DVCLive in `out_dir`."
-    from dvclive import Live
-    probs, labels = test_predictions(checkpoint, data_dir)
-    preds = probs.argmax(1)
-    cm = confusion_matrix(preds, labels)
-    metrics = {"test_acc": float(cm.trace() / cm.sum()),
-               "per_class": {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}}
-    with Live(out_dir, dvcyaml=False, save_dvc_exp=False) as live:
-        live.log_metric("test/acc", metrics["test_acc"], plot=False)
-        live.log_plot("confusion", [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(labels, preds)],
-                      x="actual", y="predicted", template="confusion", title="Test confusion matrix")
-        live.log_plot("per_class", [{"class": c, "accuracy": a} for c, a in metrics["per_class"].items()],
-                      x="accuracy", y="class", template="bar_horizontal", title="Test accuracy of each class")
-    return metrics
-
-def evaluate_command(checkpoint:str, # a checkpoint written by `cifarlab fit`
-                     data_dir:str|None=None, # prepared data (default: the run's own)
-                     out_dir:str="dvclive/evaluate", # where DVCLive writes the metrics and plots
-                    ):
-    "Evaluate a checkpoint on the test split and log the metrics with DVCLive."
-    print(f"testing {checkpoint} on the test split", flush=True)
-    m = evaluate(checkpoint, data_dir, out_dir)
-    print(f"test accuracy: {m['test_acc']:.4f}")
 
 # %% ../nbs/04_experiments.ipynb #c020
 def write_results(records, path="results/experiments.json"):

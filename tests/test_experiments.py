@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import torch
 
-from cifarlab.experiments import test_predictions as predictions_of  # aliased: pytest would collect test_*
+from cifarlab.evaluate import predict_test_split
 from conftest import BIN, ROOT, env_with_venv, run
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -89,7 +89,7 @@ def test_test_and_validate_commands(tiny_ckpt, data_dir, tmp_path):
     res = run([BIN / "cifarlab", "test", *common])
     assert res.returncode == 0, res.stderr[-3000:]
     shown = float(re.search(r"test_acc\W+([0-9.]+)", res.stdout).group(1))
-    probs, labels = predictions_of(tiny_ckpt, data_dir)  # the whole test split; the run's subset is its first 3000
+    probs, labels = predict_test_split(tiny_ckpt, data_dir)  # the whole test split; the run's subset is its first 3000
     assert abs(shown - (probs[:3000].argmax(1) == labels[:3000]).mean()) < 1e-4, res.stdout
     res = run([BIN / "cifarlab", "validate", *common])
     assert res.returncode == 0, res.stderr[-3000:]
