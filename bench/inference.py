@@ -25,10 +25,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from cifarlab.contract import open_model
 from cifarlab.env import cpu_name
 from cifarlab.evaluate import load_run
 from cifarlab.experiments import write_results
-from cifarlab.export import Deployable, checkpoint_facts, export_checkpoint, ort_session, read_contract
+from cifarlab.export import Deployable, checkpoint_facts, export_checkpoint
 
 
 def percentiles(seconds):
@@ -50,7 +51,7 @@ def main():
     facts = checkpoint_facts(args.ckpt)
     model_path = args.model or Path(tempfile.mkdtemp()) / "model.onnx"
     if args.model is None: export_checkpoint(args.ckpt, model_path, args.data_dir, limit=1000)
-    if read_contract(model_path)["source"].get("sha256") != facts["sha256"]:
+    if open_model(model_path).contract["source"].get("sha256") != facts["sha256"]:
         sys.exit(f"{model_path} was not exported from {args.ckpt}: pass the matching --model")
 
     model, dm = load_run(args.ckpt, args.data_dir)
@@ -60,7 +61,7 @@ def main():
     results = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
-        sess = ort_session(model_path, threads=threads)
+        sess = open_model(model_path, threads=threads).session
         libs = {"torch": lambda x: net(torch.from_numpy(x)).numpy(), "onnxruntime": lambda x: sess.run(None, {"image": x})[0]}
         with torch.inference_mode():
             diff = float(np.abs(libs["torch"](images[:256]) - libs["onnxruntime"](images[:256])).max())

@@ -6,30 +6,25 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn as nn
-from fastcore.script import store_true
 
+from .contract import INPUT, OUTPUT, make_contract, open_model, write_contract
 from .core import CifarlabError, atomic_path, first_line, write_json
 from .data import CLASSES, normalization
-from .experiments import load_run, predict_logits, read_checkpoint
-from .serve import CONTRACT_KEY  # the service reads what the export writes: one name for the key
+from .evaluate import load_run, predict_logits, read_checkpoint
 
 # %% auto #0
-__all__ = ['INPUT', 'OUTPUT', 'OPSET', 'ExportError', 'sha256_file', 'checkpoint_facts', 'Deployable', 'contract', 'export_onnx',
-           'write_onnx', 'read_contract', 'export_checkpoint', 'ort_session', 'ort_logits', 'verify', 'export_command',
-           'format_verify_report', 'verify_command']
+__all__ = ['OPSET', 'ExportError', 'sha256_file', 'checkpoint_facts', 'Deployable', 'export_onnx', 'write_onnx',
+           'export_checkpoint', 'ort_logits', 'verify', 'export_command', 'format_verify_report', 'verify_command']
 
 # %% ../nbs/05_onnx.ipynb #c008
-INPUT, OUTPUT = "image", "logits"
 OPSET = 18
 
 class ExportError(CifarlabError):
@@ -62,67 +57,33 @@ class Deployable(nn.Module):
         return self.model.predict_step((torch.addcmul(self.shift, image.float(), self.scale),))
 
 # %% ../nbs/05_onnx.ipynb #c015
-def contract(classes, mean, std, normalize, tta, test_accuracy=None, test_images=0, source=None, size=(32, 32),
-             resize_filter="bicubic", background=(255, 255, 255)):
-    "The preprocessing contract and facts recorded in an exported model's metadata."
-    h, w = size
-    return {
-        "format": 1,
-        "input": {"name": INPUT, "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "height": h, "width": w,
-                  "value_range": [0, 255], "batch": "dynamic"},
-        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(classes)],
-                   "meaning": "logits; softmax gives class probabilities"},
-        "normalisation": {"in_graph": True, "formula": "(image / 255 - mean) / std, per channel", "setting": normalize,
-                          "mean": list(mean), "std": list(std)},
-        "test_time_augmentation": {"in_graph": True, "tta": tta},
-        "resize": {"crop": "center", "filter": resize_filter,
-                   "rule": f"crop the centre to the input's aspect ratio, then resize to {w}x{h}"},
-        "alpha": {"background": list(background), "rule": "transparent pixels are composited onto background"},
-        "classes": list(classes),
-        "test_accuracy": test_accuracy, "test_images": test_images,
-        "source": source or {},
-    }
-
 class _DropTorchvisionNotes(logging.Filter):
     # the exporter notes, once per torchvision operator, that torchvision is absent; cifarlab's graphs use none of them
     def filter(self, record): return "torchvision is not installed" not in record.getMessage()
 
 logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropTorchvisionNotes())
 
-def export_onnx(model, path, mean, std, facts, opset=OPSET):
-    "Write `model` with its normalisation to ONNX at `path` (atomically); `facts` becomes its metadata. Returns it."
+def export_onnx(model, path, mean, std, contract, opset=OPSET):
+    "Write `model` with its normalisation to ONNX at `path` (atomically), `contract` in its metadata. Returns `contract`."
+    write_contract(onnx.ModelProto(), contract)  # checked on an empty model first: the export itself takes seconds
     module = Deployable(model.cpu().eval(), mean, std).eval()
-    example = torch.zeros(2, 3, facts["input"]["height"], facts["input"]["width"], dtype=torch.uint8)
+    example = torch.zeros(2, 3, contract["input"]["height"], contract["input"]["width"], dtype=torch.uint8)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)
-    try: metadata = json.dumps(facts)  # checked first: the export itself takes seconds
-    except (TypeError, ValueError) as e: raise ExportError(f"the contract cannot be stored in the model's metadata: {e}") from None
     try:
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
-                                    output_names=[OUTPUT], dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                                    output_names=[OUTPUT], dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
                                     verbose=False)
         proto = program.model_proto
-        onnx.helper.set_model_props(proto, {CONTRACT_KEY: metadata})
+        write_contract(proto, contract)
         proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
         onnx.checker.check_model(proto)
     except Exception as e: raise ExportError(f"cannot export to ONNX opset {opset}: {first_line(e)}") from None
     write_onnx(proto, path)
-    return facts
+    return contract
 
 def write_onnx(proto, path):
     "Write the ONNX model `proto` to `path` atomically: a failure leaves the previous file (or none), never a partial one."
     with atomic_path(path) as tmp: tmp.write_bytes(proto.SerializeToString())
-
-def read_contract(path):
-    "The contract stored in the ONNX model at `path`."
-    path = Path(path)
-    if not path.is_file(): raise ExportError(f"model {path} does not exist: write it with `cifarlab export CKPT --output {path}`.")
-    try: proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e: raise ExportError(f"{path} is not an ONNX model ({first_line(e)}).") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    if CONTRACT_KEY not in props:
-        raise ExportError(f"{path} is an ONNX model without cifarlab's contract in its metadata: export it with `cifarlab export`.")
-    try: return json.loads(props[CONTRACT_KEY])
-    except ValueError as e: raise ExportError(f"{path}: its cifarlab contract is not valid JSON ({e}).") from None
 
 # %% ../nbs/05_onnx.ipynb #c019
 def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=OPSET, log=lambda msg: None):
@@ -133,19 +94,12 @@ def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=O
         model, dm = load_run(ckpt, data_dir)
         log(f"measuring its test accuracy on {min(limit or 10_000, len(dm.splits['test'][1]))} test images")
         logits, labels = predict_logits(model, dm, limit)
-        c = contract(CLASSES, dm.mean, dm.std, facts["normalize"], facts["tta"],
-                     test_accuracy=float((logits.argmax(1) == labels).mean()), test_images=len(labels), source=facts)
+        c = make_contract(CLASSES, dm.mean, dm.std, facts["normalize"], facts["tta"],
+                          test_accuracy=float((logits.argmax(1) == labels).mean()), test_images=len(labels), source=facts)
         log(f"exporting the graph (ONNX opset {opset}) with the contract in its metadata")
         return export_onnx(model, tmp, dm.mean, dm.std, c, opset=opset)
 
 # %% ../nbs/05_onnx.ipynb #c022
-def ort_session(path, threads=None):
-    "An ONNX Runtime CPU session for the model at `path` (`threads`: intra-op threads, default: ONNX Runtime's)."
-    opts = ort.SessionOptions()
-    if threads: opts.intra_op_num_threads = threads
-    try: return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e: raise ExportError(f"ONNX Runtime cannot load {path} ({first_line(e)}).") from None
-
 def ort_logits(session, images, batch_size=500):
     "Logits of ONNX Runtime `session` for uint8 N×3×H×W `images`, in batches."
     name = session.get_inputs()[0].name
@@ -153,8 +107,8 @@ def ort_logits(session, images, batch_size=500):
 
 def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=1e-3, log=lambda msg: None):
     "Compare ONNX model `model_path` with its PyTorch checkpoint on the test split; a report with `passed`."
-    c = read_contract(model_path)
-    source = c.get("source") or {}
+    m = open_model(model_path)
+    c, source = m.contract, m.contract.get("source") or {}
     ckpt = ckpt or source.get("checkpoint")
     if not ckpt: raise ExportError(f"{model_path} records no checkpoint: pass --ckpt with the one it was exported from.")
     facts = checkpoint_facts(ckpt)
@@ -165,9 +119,8 @@ def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=
     model, dm = load_run(ckpt, data_dir)
     x = dm.splits["test"][0][:limit].numpy()
     log(f"running {model_path} with ONNX Runtime on {len(x)} test images")
-    sess = ort_session(model_path)
-    t0 = time.perf_counter(); got = ort_logits(sess, x); t_ort = time.perf_counter() - t0
-    singles = np.concatenate([ort_logits(sess, x[i:i + 1]) for i in range(min(4, len(x)))])
+    t0 = time.perf_counter(); got = ort_logits(m.session, x); t_ort = time.perf_counter() - t0
+    singles = np.concatenate([ort_logits(m.session, x[i:i + 1]) for i in range(min(4, len(x)))])
     log(f"running the checkpoint with PyTorch on the same images")
     t0 = time.perf_counter(); ref, y = predict_logits(model, dm, limit); t_torch = time.perf_counter() - t0
     diff = float(max(np.abs(got - ref).max(), np.abs(singles - ref[:len(singles)]).max()))

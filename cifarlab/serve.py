@@ -5,17 +5,15 @@
 # %% ../nbs/06_serve.ipynb #c003
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import socket
 import sys
 import threading
-from pathlib import Path
+from importlib.resources import files
 
 import numpy as np
-import onnxruntime as ort
 import uvicorn
 from fastapi import File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -24,56 +22,33 @@ from fastcore.script import Param
 from PIL import Image, ImageOps
 from uvicorn.supervisors import Multiprocess
 
-from .core import CifarlabError
+from .contract import RESIZE_FILTERS, open_model
+from .core import CifarlabError, first_line
 
 # %% auto #0
-__all__ = ['CONTRACT_KEY', 'FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS',
-           'ModelError', 'Model', 'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'UploadLimit', 'HeadAsGet',
-           'create_app', 'listen', 'app_from_env', 'serve_command']
+__all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model', 'BadImage',
+           'to_rgb', 'open_image', 'image_to_input', 'UploadLimit', 'HeadAsGet', 'create_app', 'read_page', 'listen',
+           'app_from_env', 'serve_command']
 
 # %% ../nbs/06_serve.ipynb #c008
-CONTRACT_KEY = "cifarlab"  # the metadata_props key `cifarlab export` writes the contract under
-FILTERS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-           "hamming": Image.Resampling.HAMMING, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-class ModelError(CifarlabError):
-    "The model file cannot be served; the message says why and what to do."
+FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}  # the contract's names: Pillow's
 
 class Model:
-    "An exported cifarlab model: an ONNX Runtime session and the contract read from the file's metadata."
+    "An exported cifarlab model opened for serving: its one-thread ONNX Runtime session, contract, and preprocessing."
     def __init__(self, path, threads=1):
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"model {path} does not exist: write one with `cifarlab export CKPT -o {path}`.")
-        data = path.read_bytes()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        try: self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ModelError(f"{path} is not an ONNX model ONNX Runtime can load ({type(e).__name__}).") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY)
-        if raw is None:
-            raise ModelError(f"{path} has no cifarlab contract in its metadata: export it with `cifarlab export`.")
-        try:
-            c = json.loads(raw)
-            inp, resize = c["input"], c["resize"]
-            supported = ((inp["dtype"], inp["layout"], inp["channels"], resize["crop"]) == ("uint8", "NCHW", "RGB", "center")
-                         and resize["filter"] in FILTERS)
-            self.size, self.filter = (int(inp["width"]), int(inp["height"])), FILTERS.get(resize["filter"])
-            self.background, self.classes = tuple(c["alpha"]["background"]), list(c["classes"])
-            self.input, self.output = inp["name"], c["output"]["name"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"{path}: its cifarlab contract is malformed ({type(e).__name__}: {e}).") from None
-        if not supported:
-            raise ModelError(f"{path}: its input contract ({inp}, resize {resize}) is not one this service implements.")
-        self.path, self.contract, self.sha256 = path, c, hashlib.sha256(data).hexdigest()
+        m = open_model(path, threads)
+        c, inp = m.contract, m.contract["input"]
+        self.path, self.session, self.contract, self.sha256 = m.path, m.session, c, m.sha256
+        self.size, self.filter = (inp["width"], inp["height"]), FILTERS[c["resize"]["filter"]]
+        self.background, self.classes = tuple(c["alpha"]["background"]), c["classes"]
+        self.input, self.output = inp["name"], c["output"]["name"]
 
     def facts(self):
         "What /health says about the model."
         c = self.contract
         return {"file": self.path.name, "sha256": self.sha256, "classes": self.classes,
                 "test_accuracy": c.get("test_accuracy"), "test_images": c.get("test_images"), "input": c["input"],
-                "normalisation": c.get("normalisation"), "resize": c["resize"]["rule"], "alpha": c["alpha"]["rule"],
+                "normalisation": c.get("normalisation"), "resize": c["resize"].get("rule"), "alpha": c["alpha"].get("rule"),
                 "source": {k: c.get("source", {}).get(k) for k in ("net", "epoch", "global_step", "sha256")}}
 
     def probabilities(self, images):
@@ -167,7 +142,7 @@ class HeadAsGet:
 
 def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS):
     "The FastAPI application serving the model at `model_path`."
-    model = Model(model_path)
+    model, html = Model(model_path), read_page()
     slots = threading.BoundedSemaphore(os.cpu_count() or 1)
     app = FastAPIOffline(title="cifarlab", version="1", static_url="/docs-assets", redoc_url=None,
                          swagger_ui_parameters={"validatorUrl": None},  # no calls to an online validator
@@ -178,7 +153,7 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS):
     app.add_middleware(HeadAsGet)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page(): return PAGE
+    def page(): return html
 
     @app.get("/health")
     def health():
@@ -207,94 +182,14 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS):
     return app
 
 # %% ../nbs/06_serve.ipynb #c021
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cifarlab: CIFAR-10 classifier</title>
-<link rel="icon" href="data:,">
-<style>
-  [hidden] { display: none !important; }
-  body { font: 16px/1.5 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }
-  h1 { font-size: 1.6rem; margin-bottom: .2rem; } #facts { color: #59636e; margin-top: 0; font-size: .9rem; }
-  #drop { display: block; border: 2px dashed #8c959f; border-radius: 12px; padding: 2rem 1rem; text-align: center;
-          cursor: pointer; background: #f6f8fa; }
-  #drop.over, #drop:focus-within { border-color: #0969da; background: #ddf4ff; }
-  .hidden-input { position: absolute; width: 1px; height: 1px; opacity: 0; }
-  #out { display: flex; gap: 1.5rem; align-items: flex-start; margin-top: 1.5rem; flex-wrap: wrap; }
-  #preview { width: 160px; height: 160px; object-fit: contain; border: 1px solid #d1d9e0; border-radius: 8px; }
-  #results { list-style: none; padding: 0; margin: 0; flex: 1; min-width: 16rem; }
-  #results li { display: grid; grid-template-columns: 6.5rem 1fr 3.5rem; gap: .6rem; align-items: center; margin: .35rem 0; }
-  #results li:first-child .label { font-weight: 600; }
-  .bar { height: 1rem; background: #eaeef2; border-radius: 4px; overflow: hidden; }
-  .fill { height: 100%; background: #0969da; } #results li:first-child .fill { background: #1a7f37; }
-  .pct { text-align: right; font-variant-numeric: tabular-nums; }
-  #status:empty { display: none; } #status.error { color: #cf222e; }
-  footer { margin-top: 2rem; color: #59636e; font-size: .85rem; }
-</style></head>
-<body>
-<h1>CIFAR-10 classifier</h1>
-<p id="facts">Loading the model's facts...</p>
-<label id="drop"><strong>Drop an image here</strong> or click to choose one<br>
-  <small>any common format and size: it is converted to RGB, its centre cropped to a square and resized to 32&times;32</small>
-  <input id="file" class="hidden-input" type="file" accept="image/*"></label>
-<p id="status" role="status" aria-live="polite"></p>
-<div id="out" hidden><img id="preview" alt="the uploaded image" hidden><ol id="results" aria-label="top-5 classes"></ol></div>
-<footer>API: <a href="docs">docs</a> &middot; <a href="openapi.json">openapi.json</a></footer>
-<script>
-const $ = (s) => document.querySelector(s);
-const drop = $("#drop"), input = $("#file"), out = $("#out"), preview = $("#preview"), results = $("#results"),
-      status = $("#status");
+PAGE = "static/index.html"  # the page served at /, relative to the package
 
-fetch("health").then((r) => r.json()).then(({model: m}) => {
-  const acc = m.test_accuracy == null ? "not measured" : `${(100 * m.test_accuracy).toFixed(2)}% on ${m.test_images} test images`;
-  $("#facts").textContent = `${m.file}: ${m.classes.length} classes, test accuracy ${acc}, sha256 ${m.sha256.slice(0, 12)}`;
-}).catch(() => { $("#facts").textContent = "The service did not answer /health."; });
-
-input.addEventListener("change", () => { if (input.files[0]) classify(input.files[0]); input.value = ""; });
-for (const t of ["dragenter", "dragover"]) drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); });
-for (const t of ["dragleave", "drop"]) drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); });
-drop.addEventListener("drop", (e) => { const f = e.dataTransfer.files[0]; if (f) classify(f); });
-// small images (CIFAR-10's are 32x32) are scaled up with square pixels rather than blurred; one the browser
-// cannot draw (TIFF, say) stays hidden rather than showing a broken-image icon
-preview.addEventListener("load", () => {
-  preview.style.imageRendering = preview.naturalWidth < 160 ? "pixelated" : "auto"; preview.hidden = false; });
-preview.addEventListener("error", () => { preview.hidden = true; });
-
-function row(p) {
-  const li = document.createElement("li"), label = document.createElement("span"), bar = document.createElement("div"),
-        fill = document.createElement("div"), pct = document.createElement("span");
-  label.className = "label"; label.textContent = p.class;
-  bar.className = "bar"; fill.className = "fill"; fill.style.width = `${(100 * p.probability).toFixed(1)}%`; bar.append(fill);
-  pct.className = "pct"; pct.textContent = `${(100 * p.probability).toFixed(1)}%`;
-  li.append(label, bar, pct);
-  return li;
-}
-
-function clear() {
-  out.hidden = true; preview.hidden = true; results.replaceChildren();
-  if (preview.src) { URL.revokeObjectURL(preview.src); preview.removeAttribute("src"); }
-}
-
-async function classify(file) {
-  clear();
-  status.className = ""; status.textContent = `Classifying ${file.name}...`;
-  const body = new FormData(); body.append("file", file);
-  try {
-    const r = await fetch("predict?k=5", {method: "POST", body});
-    const text = await r.text();
-    let data; try { data = JSON.parse(text); } catch { data = {detail: text}; }
-    if (!r.ok) throw new Error(`${r.status}: ${typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)}`);
-    preview.src = URL.createObjectURL(file);
-    results.replaceChildren(...data.predictions.map(row));
-    out.hidden = false;
-    status.textContent = `${file.name}: ${data.image.format} ${data.image.width}x${data.image.height}`;
-  } catch (err) {
-    clear();
-    status.className = "error"; status.textContent = `${file.name} was not classified. ${err.message}`;
-  }
-}
-</script>
-</body></html>
-"""
+def read_page():
+    "The page served at `/`, as shipped in the package."
+    try: return files("cifarlab").joinpath(PAGE).read_text(encoding="utf-8")
+    except OSError as e:
+        raise CifarlabError(f"the service's page {PAGE} is missing from the installed cifarlab package "
+                            f"({first_line(e)}): reinstall cifarlab.") from None
 
 # %% ../nbs/06_serve.ipynb #c025
 SETTINGS_ENV = "CIFARLAB_SERVE_SETTINGS"  # how `--workers N` hands create_app's arguments to the worker processes

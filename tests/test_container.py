@@ -1,8 +1,8 @@
 """The service image: `Containerfile` built with podman (offline, from a local wheelhouse of the locked `serve`
 dependencies, on a Debian base made with mmdebstrap), run on loopback, and checked as a user would: /health, a real
-CIFAR-10 test image classified as on the host, a bad upload refused, a non-root process, no torch inside; then the
-container and the image removed. Also, without podman: requirements-serve.txt is uv.lock's current export, and what
-`cifarlab serve` imports is in it.
+CIFAR-10 test image classified as on the host, the page served, a bad upload refused, a non-root process, no torch
+inside; then the container and the image removed. Also, without podman: requirements-serve.txt is uv.lock's current
+export, what `cifarlab serve` imports is in it, and the wheel the image installs holds the service's page.
 
 The Debian base tarball and the wheelhouse are kept between runs under ~/.cache/cifarlab-test, keyed by what they are
 made from (the mmdebstrap command; requirements-serve.txt), so a rerun builds only the image."""
@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,6 +174,19 @@ print("ok", "torch" in hidden, sorted({{m.split(".")[0] for m in set(sys.modules
     assert res.stdout.strip().splitlines()[-1] == "ok True []", res.stdout[-2000:]
 
 
+def test_wheel_ships_the_page(tmp_path):
+    "The wheel the image installs cifarlab from holds the service's page (package data), byte for byte."
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ["pyproject.toml", "README.md"]: shutil.copy2(ROOT / f, src / f)
+    shutil.copytree(ROOT / "cifarlab", src / "cifarlab", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"  # the backend pip runs, offline
+    res = run([sys.executable, "-c", code], cwd=src, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with zipfile.ZipFile(src / "dist" / res.stdout.strip().splitlines()[-1]) as wheel:
+        assert wheel.read("cifarlab/static/index.html") == (ROOT / "cifarlab" / "static" / "index.html").read_bytes()
+
+
 def test_image_is_slim(image, record_property):
     record_property("container image", f"{image.size / 1e6:.0f} MB, built in {image.build_s:.1f} s")
     assert image.size <= MAX_IMAGE_BYTES, f"{image.size / 1e6:.0f} MB"
@@ -190,6 +204,11 @@ def test_container_classifies_a_real_test_image(container, right_image):
     data, expected = right_image
     r = httpx.post(container.url + "/predict", files={"file": ("cifar.png", data, "image/png")}, timeout=30)
     assert r.status_code == 200 and r.json()["predictions"][0]["class"] == expected, r.text
+
+
+def test_container_serves_the_page(container):
+    r = httpx.get(container.url + "/")
+    assert r.status_code == 200 and r.text == (ROOT / "cifarlab" / "static" / "index.html").read_text(encoding="utf-8")
 
 
 def test_container_refuses_a_bad_upload(container):

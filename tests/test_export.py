@@ -1,7 +1,9 @@
 """`cifarlab export` and `cifarlab verify` from the command line, on a small model trained here (tests/conftest.py):
 export then verify pass on the full real test set; the contract is in the file; the checkpoint's normalisation is
-honoured; a graph that disagrees with its checkpoint fails verify; bad inputs are one-line errors; writes are atomic."""
+honoured; a graph that disagrees with its checkpoint fails verify; bad inputs are one-line errors; writes are atomic;
+the export module loads nothing of the service."""
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from conftest import BIN, run
+from cifarlab.contract import open_model
 from cifarlab.data import CLASSES, load_meta, load_split
 from cifarlab.cli import main as cifarlab
 
@@ -24,6 +27,7 @@ def test_export_then_verify_on_full_test_set(exported_model, tiny_ckpt, data_dir
     assert sorted(p.name for p in model.parent.iterdir()) == ["model.onnx"]  # no temporary file left behind
 
     c = contract_of(model)
+    assert open_model(model).contract == c  # what the service and verify read is what the export wrote
     assert c["input"] == {"name": "image", "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "height": 32,
                           "width": 32, "value_range": [0, 255], "batch": "dynamic"}
     assert c["normalisation"]["in_graph"] and c["normalisation"]["setting"] == "half"  # configs/exp1.yaml
@@ -96,18 +100,20 @@ def test_verify_refuses_another_checkpoint(exported_model, dataset_ckpt, data_di
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "no such output folder", "missing model",
                                   "not a model", "ONNX without contract"])
-def test_cli_errors_are_one_line(case, tiny_ckpt, data_dir, tmp_path, capsys):
+def test_cli_errors_are_one_line(case, tiny_ckpt, exported_model, data_dir, tmp_path, capsys):
     # in process: the dispatcher the console script calls (test_verify_refuses_another_checkpoint runs the script)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00not what it claims to be" * 10)
-    bare = tmp_path / "bare.onnx"
-    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], [])), str(bare))
+    bare = tmp_path / "bare.onnx"  # a model ONNX Runtime runs, its metadata removed
+    proto = onnx.load(str(exported_model[0]))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(bare))
     cmd, args, expected = {
         "missing checkpoint": ("export", [tmp_path / "none.ckpt"], "does not exist"),
         "not a checkpoint": ("export", [junk], "is not a readable PyTorch checkpoint"),
         "no such output folder": ("export", [tiny_ckpt, "--output", tmp_path / "no" / "m.onnx"], "does not exist"),
         "missing model": ("verify", [tmp_path / "none.onnx"], "does not exist"),
-        "not a model": ("verify", [junk], "is not an ONNX model"),
+        "not a model": ("verify", [junk], "is not an ONNX model ONNX Runtime can load"),
         "ONNX without contract": ("verify", [bare], "without cifarlab's contract"),
     }[case]
     assert cifarlab([cmd, *map(str, args), "--data_dir", str(data_dir)]) == 1
@@ -154,3 +160,11 @@ def test_verify_fails_on_the_recorded_accuracy_alone(exported_model, tiny_ckpt, 
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if "FAILED" in line]
     assert failed[0].lstrip().startswith("recorded at export") and failed[1] == "verify: FAILED", out
+
+
+def test_export_module_loads_nothing_of_the_service():
+    "The export shares the contract with the service through cifarlab.contract, which imports no web framework."
+    code = ("import sys, cifarlab.export; "
+            "print(sorted({'cifarlab.serve', 'fastapi', 'starlette', 'uvicorn', 'fastapi_offline'} & set(sys.modules)))")
+    res = run([sys.executable, "-c", code])
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr

@@ -1,6 +1,6 @@
 """`cifarlab serve` as a real process on loopback, over the small model trained and exported in tests/conftest.py:
 /health, predictions on real CIFAR-10 test images, images of every common kind, each kind of bad request answered
-4xx (JSON `detail`) with the service still answering, decompression bombs refused fast with flat memory, HEAD,
+4xx (JSON `detail`) with the service still answering, decompression bombs refused fast with flat memory, HEAD, the page,
 TCP_NODELAY on accepted connections, worker processes, a small load test through bench/load.py, the page in
 headless Chromium finding the right class with nothing broken, and the API docs rendering with the network cut off."""
 import base64
@@ -69,7 +69,8 @@ def assert_still_serving(server, right_image):
 
 
 def test_serve_module_imports_no_torch():
-    code = "import sys, cifarlab.serve; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    # nor the onnx package: the service image has only ONNX Runtime
+    code = "import sys, cifarlab.serve; print(sorted({'torch', 'lightning', 'onnx'} & set(sys.modules)))"
     res = run([sys.executable, "-c", code])
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
@@ -83,6 +84,14 @@ def test_health(server):
     assert m["input"]["dtype"] == "uint8" and h["limits"]["max_upload_bytes"] == MAX_UPLOAD
     assert server.startup_s < 20  # about a second on an idle machine; generous for a loaded CI box
     assert "on http://127.0.0.1:" in server.log.read_text()  # binds loopback by default
+
+
+def test_page_is_the_packaged_file(server):
+    "GET / answers the page shipped in the package (cifarlab/static/index.html), as HTML, with nothing from another host."
+    r = httpx.get(server.url + "/")
+    page = (ROOT / "cifarlab" / "static" / "index.html").read_text(encoding="utf-8")
+    assert (r.status_code, r.headers["content-type"], r.text) == (200, "text/html; charset=utf-8", page)
+    assert "https://" not in page and "http://" not in page
 
 
 def test_predicts_real_test_images(server, right_image):
@@ -292,7 +301,7 @@ def keepalive_connection(url):
 
 
 def test_accepted_connections_have_tcp_nodelay(server):
-    "The cause of the keep-alive stall, checked in the running service: Nagle's algorithm is off on its connections."
+    "Nagle's algorithm is off on the running service's connections, so a keep-alive response is sent at once."
     conn = keepalive_connection(server.url)
     nodelay, _ = server_side_nodelay([server.proc.pid], conn.sock)
     conn.close()
