@@ -13,9 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: cifarlab, dvc, nbdev_export, ...
 
 
+def under_ci():
+    "Whether this run is CI's: `CI` set to anything but empty, 0, false or no (CI services set true or 1)."
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def missing(reason):
-    "Skip for lack of `reason` on a developer's machine; under CI (`CI=true`) a missing part is a failure, not a skip."
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"): pytest.fail(f"CI must provide it: {reason}")
+    "The one rule for a missing part (data, browser, podman, PostgreSQL, uv, a kernel feature): skip on a developer's machine, fail under CI."
+    if under_ci(): pytest.fail(f"CI must provide it: {reason}")
     pytest.skip(reason)
 
 

@@ -2,7 +2,9 @@
 import json
 import re
 
-from conftest import BIN, ROOT, commit_all, copy_of_repo, run
+import pytest
+
+from conftest import BIN, ROOT, commit_all, copy_of_repo, missing, run
 
 
 def test_env_json_from_console_script():
@@ -37,3 +39,21 @@ def test_check_sync_catches_hand_edit(tmp_path):
     bad = run(["bash", ".ci/check-sync"], cwd=repo, timeout=300)
     assert bad.returncode == 1
     assert "out of sync" in bad.stderr and "cifarlab/env.py" in bad.stderr
+
+
+@pytest.mark.parametrize("value", ["true", "True", "1", "yes", "on"])
+def test_a_missing_part_fails_under_any_ci_value(monkeypatch, value):
+    monkeypatch.setenv("CI", value)
+    with pytest.raises(pytest.fail.Exception, match="CI must provide it: podman"): missing("podman")
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "false", "no"])
+def test_a_missing_part_skips_outside_ci(monkeypatch, value):
+    if value is None: monkeypatch.delenv("CI", raising=False)
+    else: monkeypatch.setenv("CI", value)
+    with pytest.raises(pytest.skip.Exception): missing("podman")
+
+
+def test_ci_script_declares_itself_ci():
+    "Run by hand, .ci/run still fails on a missing part rather than skipping it."
+    assert re.search(r"^export CI=true$", (ROOT / ".ci" / "run").read_text(), flags=re.M)

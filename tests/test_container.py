@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, run
+from conftest import ROOT, free_port, missing, run
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab-test"
 REQUIREMENTS = ROOT / "requirements-serve.txt"
@@ -43,12 +43,6 @@ def podman(*args, timeout=600, check=True):
     return res
 
 
-def unavailable(why):
-    "Skip where the tools cannot run; under CI (CI=true) they must, so fail instead."
-    if os.environ.get("CI") == "true": pytest.fail(f"{why}: CI must run the container test (.ci/run installs podman)")
-    pytest.skip(why)
-
-
 def key(*parts):
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -60,7 +54,7 @@ def base_image():
     if podman("image", "exists", tag, check=False).returncode == 0: return tag
     tar = CACHE / f"base-{k}.tar"
     if not tar.is_file():
-        if not shutil.which("mmdebstrap"): unavailable("mmdebstrap is not installed (apt-get install mmdebstrap)")
+        if not shutil.which("mmdebstrap"): missing("mmdebstrap is not installed (apt-get install mmdebstrap)")
         CACHE.mkdir(parents=True, exist_ok=True)
         part = tar.with_suffix(".partial.tar")  # mmdebstrap writes the format the name's extension says
         res = subprocess.run([*BASE, part], capture_output=True, text=True, timeout=900)
@@ -92,9 +86,9 @@ def wheelhouse():
 @pytest.fixture(scope="module")
 def image(exported_model, tmp_path_factory):
     "The service image built from Containerfile with the network off: (tag, size in bytes, build seconds); removed after."
-    if not shutil.which("podman"): unavailable("podman is not installed (apt-get install podman runc)")
+    if not shutil.which("podman"): missing("podman is not installed (apt-get install podman runc)")
     info = podman("info", check=False)
-    if info.returncode != 0: unavailable(f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}")
+    if info.returncode != 0: missing(f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}")
     base, wheels = base_image(), wheelhouse()
     ctx = tmp_path_factory.mktemp("context")  # what .dockerignore lets through from the repository, and the wheels
     for f in ["Containerfile", ".dockerignore", "requirements-serve.txt", "pyproject.toml", "README.md"]:
@@ -140,7 +134,7 @@ def container(image):
 
 def test_requirements_are_the_locks_serve_group(tmp_path):
     "requirements-serve.txt is what `uv export --only-group serve` makes of uv.lock now (hashes included)."
-    if not shutil.which("uv"): pytest.skip("uv is not on PATH")
+    if not shutil.which("uv"): missing("uv is not on PATH")
     res = run([*EXPORT, "-o", tmp_path / "r.txt"], timeout=120)
     assert res.returncode == 0, res.stderr
     body = lambda text: [l for l in text.splitlines() if not l.startswith("#")]

@@ -27,7 +27,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, env_with_venv, free_port, png, run
+from conftest import BIN, ROOT, env_with_venv, free_port, missing, png, run
 from cifarlab.data import CLASSES
 
 MAX_UPLOAD = 2**20  # the fixture's --max_upload_mb 1
@@ -205,8 +205,8 @@ def peak_rss_kb(pid):
     return int(next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
 def test_bombs_are_refused_fast_with_flat_memory(server, right_image):
+    if not Path("/proc/self/status").exists(): missing("reads peak memory from /proc (Linux)")
     bombs = [bomb(12_000, 12_000), bomb(100_000, 100_000, complete=False), jpeg_declaring(65_000, 65_000)]
     assert max(map(len, bombs)) < 200_000  # small files: 144 million pixels (or far more) declared
     assert_still_serving(server, right_image)
@@ -269,7 +269,7 @@ def test_head_answers_wherever_get_does(server):
 def server_side_nodelay(pids, client):
     """TCP_NODELAY on the service's end of `client`'s connection and the pid holding it, found among the sockets of
     processes `pids` by copying each descriptor into this process (Linux's pidfd_getfd)."""
-    if not hasattr(os, "pidfd_open"): pytest.skip("needs Linux's pidfd_open and pidfd_getfd")
+    if not hasattr(os, "pidfd_open"): missing("needs Linux's pidfd_open and pidfd_getfd")
     libc, peer = ctypes.CDLL(None, use_errno=True), client.getsockname()
     for pid in pids:
         pidfd = os.pidfd_open(pid)
@@ -280,7 +280,7 @@ def server_side_nodelay(pids, client):
                 except OSError: continue
                 copy = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd(2), the same number on every architecture
                 if copy < 0:
-                    if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM): pytest.skip("pidfd_getfd is not allowed here")
+                    if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM): missing("pidfd_getfd is not allowed here")
                     continue
                 with socket.socket(fileno=copy) as s:
                     try: ours = s.family == client.family and s.getpeername() == peer
