@@ -5,73 +5,76 @@
 # %% ../nbs/08_tune.ipynb #c003
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
 import socket
 import sys
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
+import optuna
+import psutil
+import sqlalchemy
 import torch
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
 from .core import CifarlabError, atomic_path, check_choice, first_line
+from .data import TensorBatches
+from .experiments import CifarCLI, quiet_lightning
 
 # %% auto #0
-__all__ = ['DISTRIBUTIONS', 'Pruner', 'TuneError', 'make_distribution', 'SearchSpace', 'load_space', 'quiet_trials',
-           'check_space', 'study_lock', 'worker_id', 'worker_gone', 'shown_url', 'default_storage', 'open_storage',
-           'make_pruner', 'retry_trial', 'open_study', 'ProbePruning', 'write_best', 'heartbeat', 'run_trial',
-           'Interrupted', 'fail_gone_trials', 'run_one', 'tune', 'tune_command']
+__all__ = ['DISTRIBUTIONS', 'FINISHED', 'Pruner', 'TuneError', 'make_distribution', 'SearchSpace', 'load_space', 'quiet_trials',
+           'check_space', 'shown_url', 'default_storage', 'open_storage', 'worker_id', 'worker_gone',
+           'fail_gone_trials', 'make_pruner', 'open_study', 'ProbePruning', 'write_best', 'run_trial', 'describe',
+           'Interrupted', 'tune_command', 'tune']
 
 # %% ../nbs/08_tune.ipynb #c006
 class TuneError(CifarlabError):
     "A search space, storage or study that `cifarlab tune` cannot use; the message says what is wrong and what to do."
 
-DISTRIBUTIONS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
+DISTRIBUTIONS = {"float": FloatDistribution, "int": IntDistribution, "categorical": CategoricalDistribution}
 
 def _encode(choice):
     "A categorical choice as Optuna stores it: scalars as they are, lists (widths) as their JSON text."
     return choice if choice is None or isinstance(choice, (bool, int, float, str)) else json.dumps(choice)
 
+def _fields(cls): return list(inspect.signature(cls).parameters)
+
 def make_distribution(key, # the recipe key, for messages
                       spec, # e.g. {"type": "float", "low": 0.05, "high": 1.0, "log": True}
                      ):
-    "The Optuna distribution `spec` describes for recipe `key`, checked: a known type, known fields, a non-empty range."
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-    if not isinstance(spec, dict) or "type" not in spec:
+    "The Optuna distribution `spec` describes for recipe `key`, checked: a known type, its fields, a non-empty range."
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind is None:
         raise TuneError(f"{key}: give a distribution as a mapping with a type, e.g. {{type: float, low: 0.01, high: 1, log: true}}")
-    kind, fields = spec["type"], set(spec) - {"type"}
-    if kind not in DISTRIBUTIONS:
-        raise TuneError(f"{key}: unknown distribution type {kind!r}: Optuna's are {', '.join(DISTRIBUTIONS)}")
-    if fields - DISTRIBUTIONS[kind]:
-        raise TuneError(f"{key}: a {kind} distribution has no field {', '.join(map(repr, sorted(fields - DISTRIBUTIONS[kind])))} "
-                        f"(its fields: {', '.join(sorted(DISTRIBUTIONS[kind]))})")
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise TuneError(f"{key}: a categorical distribution needs a non-empty list of choices")
-        encoded = [_encode(c) for c in choices]
-        if len(set(map(json.dumps, encoded))) < len(encoded): raise TuneError(f"{key}: the choices repeat a value")
-        return CategoricalDistribution(encoded)
-    low, high = spec.get("low"), spec.get("high")
-    number = int if kind == "int" else (int, float)
-    if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
-        raise TuneError(f"{key}: a {kind} distribution needs {kind} low and high (got low={low!r}, high={high!r})")
-    if not low < high:
-        raise TuneError(f"{key}: the range [{low}, {high}] is {'empty' if low == high else 'inverted'}: low must be below "
-                        "high (a constant belongs under `fixed:`)")
-    step = spec.get("step", 1 if kind == "int" else None)
-    try: return (IntDistribution if kind == "int" else FloatDistribution)(low, high, log=spec.get("log", False), step=step)
-    except ValueError as e: raise TuneError(f"{key}: {e}") from None
+    if kind not in DISTRIBUTIONS: raise TuneError(f"{key}: unknown distribution type {kind!r}: Optuna's are {', '.join(DISTRIBUTIONS)}")
+    cls, fields = DISTRIBUTIONS[kind], {k: v for k, v in spec.items() if k != "type"}
+    if extra := sorted(set(fields) - set(_fields(cls))):
+        raise TuneError(f"{key}: a {kind} distribution has no field {', '.join(map(repr, extra))} (its fields: {', '.join(_fields(cls))})")
+    if cls is CategoricalDistribution:
+        fields["choices"] = [_encode(c) for c in fields.get("choices") or []]
+        if len(set(map(json.dumps, fields["choices"]))) < len(fields["choices"]): raise TuneError(f"{key}: the choices repeat a value")
+    else:
+        low, high = fields.get("low"), fields.get("high")
+        if not all(isinstance(v, int if kind == "int" else (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise TuneError(f"{key}: a {kind} distribution needs {kind} low and high (got low={low!r}, high={high!r})")
+        if not low < high:
+            raise TuneError(f"{key}: the range [{low}, {high}] is {'empty' if low == high else 'inverted'}: low must be below "
+                            "high (a constant belongs under `fixed:`)")
+    try: return cls(**fields)
+    except (TypeError, ValueError) as e: raise TuneError(f"{key}: {e}") from None
 
 # %% ../nbs/08_tune.ipynb #c008
 def _set(tree, key, value):
@@ -92,13 +95,18 @@ class SearchSpace:
     study: str # the study's default name
     fixed: dict # recipe key -> value, for every trial
     spec: dict # recipe key -> the distribution as written
-    distributions: dict = field(default_factory=dict) # recipe key -> Optuna distribution
+    distributions: dict # recipe key -> Optuna distribution
 
     def decode(self, key, value):
         "The recipe value of Optuna's `value` for `key` (categorical lists are stored as JSON text)."
         if self.spec[key]["type"] == "categorical":
             return next(c for c in self.spec[key]["choices"] if _encode(c) == value)
         return value
+
+    def suggest(self, trial):
+        "Draw each searched key from Optuna's `trial` (its `suggest_<type>` with the distribution's fields); return the values as the recipe takes them."
+        return {k: self.decode(k, getattr(trial, f"suggest_{self.spec[k]['type']}")(k, **{f: getattr(d, f) for f in _fields(type(d))}))
+                for k, d in self.distributions.items()}
 
     def overrides(self, params=None):
         "Command-line overrides of the base recipe: the fixed values, then `params` (recipe key -> value)."
@@ -132,42 +140,31 @@ def load_space(path):
     if not isinstance(spec, dict) or not spec: raise TuneError(f"{path}: `space:` must map at least one recipe key to a distribution")
     if not isinstance(fixed, dict): raise TuneError(f"{path}: `fixed:` must map recipe keys to values")
     if set(spec) & set(fixed): raise TuneError(f"{path}: {', '.join(sorted(set(spec) & set(fixed)))} both fixed and searched")
-    space = SearchSpace(path, base, str(raw.get("study") or path.stem), fixed, spec)
-    space.distributions = {k: make_distribution(k, v) for k, v in spec.items()}
-    return space
+    return SearchSpace(path, base, str(raw.get("study") or path.stem), fixed, spec, {k: make_distribution(k, v) for k, v in spec.items()})
 
 # %% ../nbs/08_tune.ipynb #c011
 def _candidates(space):
     "Values that cover each searched key: a range's ends, every categorical choice."
     return {k: (s["choices"] if s["type"] == "categorical" else [s["low"], s["high"]]) for k, s in space.spec.items()}
 
-
-@contextlib.contextmanager
+@contextmanager
 def quiet_trials():
-    "Silence what every trial's Trainer would print (accelerator lines, seed, tiny-subset hints); warnings stay."
-    import optuna  # first: importing it sets its logger's level
-    from cifarlab.experiments import quiet_lightning
+    "Silence what every trial's Trainer, and Optuna for each trial, would print at the info level (`tune` prints its own line per trial); warnings stay."
     quiet_lightning()
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "optuna")]
     levels = [l.level for l in loggers]
     for l in loggers: l.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")  # tiny subsets in tests
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        # we record heartbeats ourselves (`heartbeat`) for trials started with ask(), the way Study.optimize does
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        try: yield
-        finally:
-            for l, level in zip(loggers, levels): l.setLevel(level)
+    try: yield
+    finally:
+        for l, level in zip(loggers, levels): l.setLevel(level)
 
 def _cli(space, params=None, *extra):
     "LightningCLI (classes built, nothing run) for the base recipe with the fixed values, `params` and `extra`; a bad key or value is a `TuneError`."
-    import argparse
-    from cifarlab.experiments import CifarCLI, _args_only
     args = ["-c", str(space.base), *space.overrides(params), *extra]
     try:
-        with _args_only(), quiet_trials(): return CifarCLI(args=args, run=False, parser_kwargs={"exit_on_error": False})
-    except (argparse.ArgumentError, ValueError, TypeError) as e:
+        with quiet_trials():  # CifarCLI given `args` sets the process's own command line aside
+            return CifarCLI(args=args, run=False, parser_kwargs={"exit_on_error": False})
+    except Exception as e:
         msg = " ".join(str(e).split())
         if msg.startswith("unrecognized arguments"):
             keys = [a.split("=")[0][2:] for a in msg.split(":", 1)[1].split()]
@@ -185,91 +182,68 @@ def check_space(space):
         raise TuneError(f"{space.path}: the recipe holds out no validation images (data.val_size 0): the objective is validation accuracy")
     return {k: _plain(cfg.get(k)) for k in space.spec}
 
-# %% ../nbs/08_tune.ipynb #c014
-def _lock_key(name): return int.from_bytes(hashlib.sha256(f"cifarlab-tune:{name}".encode()).digest()[:8], "big", signed=True)
-
-@contextlib.contextmanager
-def study_lock(url, # the storage URL
-               study, # the study's name
-              ):
-    "Held while a worker counts a study's trials and starts one, so that several workers never start more than asked."
-    from sqlalchemy.engine import make_url
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite" and u.database:
-        import fcntl
-        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{u.database}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try: yield
-            finally: fcntl.flock(f, fcntl.LOCK_UN)
-    elif u.get_backend_name() == "postgresql":
-        import sqlalchemy
-        engine = sqlalchemy.create_engine(u, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
-        try:
-            with engine.connect() as c:  # a session-level advisory lock: released when the connection closes, even on a crash
-                c.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(study)})
-                yield
-        finally: engine.dispose()
-    else: yield  # other databases: workers may together start a trial or two more than asked
-
-# %% ../nbs/08_tune.ipynb #c015
-def _start_time(pid):
-    "When process `pid` started (clock ticks since boot, from /proc), or None where /proc does not say."
-    try: return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError): return None
-
-def worker_id():
-    "This process as `host:pid:start`: what a trial records about the worker running it."
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
-
-def worker_gone(worker):
-    "Whether `worker` (a `worker_id`) was a process on this machine that no longer runs (False when it is elsewhere or unknown)."
-    try: host, pid, start = worker.rsplit(":", 2); pid = int(pid)
-    except (AttributeError, ValueError): return False
-    if host != socket.gethostname(): return False
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return True
-    except PermissionError: pass
-    return start != "None" and str(_start_time(pid)) != start  # the pid now belongs to another process
-
 # %% ../nbs/08_tune.ipynb #c018
 def shown_url(url):
     "`url` with any password hidden, for messages."
-    from sqlalchemy.engine import make_url
-    try: return make_url(url).render_as_string(hide_password=True)
+    try: return sqlalchemy.make_url(url).render_as_string(hide_password=True)
     except Exception: return "the storage URL"
 
 def default_storage(root, study):
     "The embedded default: an SQLite file in the study's folder, `<root>/<study>/study.db`."
-    return f"sqlite:///{(Path(root) / study / 'study.db').resolve()}"
+    return f"sqlite:///{Path(root) / study / 'study.db'}"
 
 def open_storage(url, # a SQLAlchemy database URL: sqlite:///path.db, postgresql://user@host:port/db, ...
-                 heartbeat=30, # seconds between a running trial's heartbeats; it is stale after two missed
-                 on_stale=None, # called with (study, trial) for each stale trial Optuna marks failed
+                 heartbeat=30, # seconds between a running trial's heartbeats; silent for two and it is failed
+                 max_retry=2, # times a failed (stale) trial's values are queued again
                 ):
-    "Optuna's RDB storage at `url`, connected and checked; a malformed or unreachable URL is a one-line `TuneError`."
-    import optuna, sqlalchemy
-    from sqlalchemy.engine import make_url
-    try: u = make_url(url)
+    "Optuna's RDB storage at `url`, connected, with heartbeats and retries; a malformed or unreachable URL is a one-line `TuneError`."
+    try: u = sqlalchemy.make_url(url)
     except Exception as e:
         raise TuneError(f"malformed storage URL {url!r} ({first_line(e)}): expected e.g. sqlite:///runs/tune/study.db "
                         "or postgresql://user@host:5432/dbname") from None
-    shown = u.render_as_string(hide_password=True)
-    kw = {}
-    if u.get_backend_name() == "sqlite":
-        kw = {"connect_args": {"timeout": 60}}  # several local workers wait for each other's writes
-        if u.database: Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-    elif u.get_backend_name() == "postgresql": kw = {"connect_args": {"connect_timeout": 10}}
-    try:
-        # one worker at a time: Optuna creates its tables in a new database, and two doing it at once collide
-        with warnings.catch_warnings(), study_lock(url, "optuna tables"):
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                              heartbeat_stale_trial_callback=on_stale)
-    except Exception as e:
-        raise TuneError(f"cannot open storage {shown}: {first_line(e)}") from None
+    # local workers wait for each other's SQLite writes; an unreachable server is reported after 10 s
+    kw = {"sqlite": {"connect_args": {"timeout": 60}}, "postgresql": {"connect_args": {"connect_timeout": 10}}}.get(u.get_backend_name(), {})
+    if u.get_backend_name() == "sqlite" and u.database: Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
+                return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry))
+        except Exception as e:
+            collided = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
+            if not collided or attempt == 2: raise TuneError(f"cannot open storage {shown_url(url)}: {first_line(e)}") from None
+            time.sleep(1)
+
+# %% ../nbs/08_tune.ipynb #c014
+def worker_id():
+    "This process as `host:pid`: what a trial records about the worker running it."
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+def worker_gone(worker):
+    "Whether `worker` (a `worker_id`) was a process on this machine that no longer runs (False when it is elsewhere or unknown)."
+    try: host, pid = worker.rsplit(":", 1); pid = int(pid)
+    except (AttributeError, ValueError): return False
+    # elsewhere, or its pid taken by another process since: the heartbeat decides
+    return host == socket.gethostname() and not psutil.pid_exists(pid)
+
+def fail_gone_trials(study, # an Optuna study
+                     retry, # called with (study, failed trial) for each trial failed, e.g. `RetryHeartbeatStaleTrialCallback`
+                    ):
+    "Fail the study's running trials whose worker on this machine is gone, and hand each to `retry`."
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not worker_gone(t.user_attrs.get("worker")): continue
+        try: retry(study, study.tell(t.number, state=TrialState.FAIL))
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError): pass  # it ended meanwhile, or another worker failed it
 
 # %% ../nbs/08_tune.ipynb #c021
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what `--n_trials` counts
+
+def _finished(study): return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+def _best(study):
+    try: return study.best_trial
+    except ValueError: return None  # no completed trial yet
+
 Pruner = Literal["median", "halving", "none"]
 
 def make_pruner(kind:Pruner="median", # median: stop a trial below the median of finished ones at the same point; halving: successive halving
@@ -277,45 +251,35 @@ def make_pruner(kind:Pruner="median", # median: stop a trial below the median of
                 from_images:int=0, # the median pruner judges a trial from this many training images on
                ):
     "The Optuna pruner that `cifarlab tune --pruner` names."
-    import optuna
     try: check_choice("--pruner", kind, Pruner)
     except ValueError as e: raise TuneError(str(e)) from None
-    if kind == "median": return optuna.pruners.MedianPruner(n_startup_trials=after, n_warmup_steps=from_images)
-    if kind == "halving": return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=after, n_warmup_steps=from_images),
+            "halving": optuna.pruners.SuccessiveHalvingPruner, "none": optuna.pruners.NopPruner}[kind]()
 
 def _inside(dist, value):
     "Whether recipe `value` is one of the values `dist` can take."
-    try: return value is not None and dist._contains(dist.to_internal_repr(_encode(value)))
+    try: x = dist.to_internal_repr(_encode(value))
     except (ValueError, TypeError): return False
-
-def retry_trial(study, trial):
-    "Queue a failed (interrupted) trial's settings again, so the study still tries them; at most 3 attempts each."
-    attempt = trial.user_attrs.get("attempt", 1)
-    if attempt >= 3 or not trial.params: return
-    study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "attempt": attempt + 1, "retry_of": trial.number})
+    return isinstance(dist, CategoricalDistribution) or dist.low <= x <= dist.high
 
 def open_study(space, # the search space
-               storage, # an `RDBStorage`
-               url, # its URL (for the lock and messages)
+               storage, # from `open_storage`
                name, # the study's name
                baseline=None, # the base recipe's values of the searched keys: queued as the first trial
                pruner=None, # an Optuna pruner
               ):
     "Create the study or join it; joining a study made from another search space is a `TuneError`."
-    import optuna
-    with study_lock(url, name):
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True, pruner=pruner)
-        made = study.user_attrs.get("fingerprint")
-        if made is None:
-            study.set_user_attr("fingerprint", space.fingerprint())
-            study.set_user_attr("space", space.spec); study.set_user_attr("fixed", space.fixed)
-            study.set_user_attr("base", str(space.base))
-            if baseline and all(_inside(d, baseline.get(k)) for k, d in space.distributions.items()):
-                study.enqueue_trial({k: _encode(v) for k, v in baseline.items()}, user_attrs={"baseline": True})
-        elif made != space.fingerprint():
-            raise TuneError(f"study {name!r} in {shown_url(url)} was made from a different search space "
+    try: study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+        if study.user_attrs.get("fingerprint", space.fingerprint()) != space.fingerprint():  # none yet: its maker is writing it
+            raise TuneError(f"study {name!r} in {shown_url(storage.url)} was made from a different search space "
                             f"or base recipe than {space.path}: use that file, or start another study with --study NAME")
+        return study
+    for k, v in {"fingerprint": space.fingerprint(), "space": space.spec, "fixed": space.fixed, "base": str(space.base)}.items():
+        study.set_user_attr(k, v)
+    if baseline and all(_inside(d, baseline.get(k)) for k, d in space.distributions.items()):
+        study.enqueue_trial({k: _encode(v) for k, v in baseline.items()}, user_attrs={"baseline": True})
     return study
 
 # %% ../nbs/08_tune.ipynb #c024
@@ -327,7 +291,6 @@ class ProbePruning(L.Callback):
     @torch.no_grad()
     def probe(self, trainer, model):
         "Accuracy of `model` (evaluation mode, the recipe's test-time augmentation) on the first `size` validation images."
-        from cifarlab.data import TensorBatches
         dm = trainer.datamodule
         x, y = (t[: self.size] for t in dm.splits["val"])
         batches = TensorBatches(x, y, dm.hparams.eval_batch_size or dm.hparams.batch_size, dm.mean, dm.std)
@@ -349,7 +312,6 @@ class ProbePruning(L.Callback):
         step = self.done * self.every  # the same points for every batch size: trials compare at equal images seen
         self.trial.report(acc, step)
         if self.trial.should_prune():
-            import optuna
             raise optuna.TrialPruned(f"pruned after {step} images (accuracy {acc:.4f} on {self.size} validation images)")
 
 # %% ../nbs/08_tune.ipynb #c026
@@ -363,7 +325,7 @@ def write_best(study, space, path, baseline=None):
     params = {k: space.decode(k, v) for k, v in t.params.items()}
     recipe = space.recipe(params)
     recipe.setdefault("trainer", {})["default_root_dir"] = str(path.parent / "best") if path.name == "best.yaml" else f"runs/{path.stem}"
-    n = _counts(study)["finished"]
+    n = _finished(study)
     lines = [f"Found by `cifarlab tune {space.path}` (study {study.study_name!r}): trial {t.number} of {n} finished,",
              f"validation accuracy {t.value:.4f}. The base recipe is {space.base.name}; the searched values:",
              *(f"  {k}: {json.dumps(v)}" + (f" (base: {json.dumps(baseline[k])})" if baseline and k in baseline else "")
@@ -375,161 +337,39 @@ def write_best(study, space, path, baseline=None):
     return t
 
 # %% ../nbs/08_tune.ipynb #c028
-@contextlib.contextmanager
-def heartbeat(storage, trial_id, every):
-    "Record `trial_id`'s heartbeat now and every `every` seconds while the block runs."
-    storage.record_heartbeat(trial_id)
-    stop = threading.Event()
-    def beat():
-        while not stop.wait(every):
-            with contextlib.suppress(Exception): storage.record_heartbeat(trial_id)  # a missed beat is retried next time
-    t = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
-    t.start()
-    try: yield
-    finally: stop.set(); t.join()
-
 def run_trial(space, # the search space
-              trial, # an Optuna trial, asked from the study
+              trial, # an Optuna trial
               run_dir, # the trial's run folder (logs, resolved config, checkpoints)
               every=10_000, # training images between pruning probes
               size=1000, # validation images each probe uses
              ):
-    "Train the recipe with the trial's sampled values; return its validation accuracy (raises `optuna.TrialPruned` when pruned)."
-    params = {}
-    for k, d in space.distributions.items():
-        kind = space.spec[k]["type"]
-        if kind == "categorical": v = trial.suggest_categorical(k, d.choices)
-        elif kind == "int": v = trial.suggest_int(k, d.low, d.high, log=d.log, step=d.step)
-        else: v = trial.suggest_float(k, d.low, d.high, log=d.log, step=d.step)
-        params[k] = space.decode(k, v)
+    "Train the recipe with the trial's values; return its validation accuracy (raises `optuna.TrialPruned` when pruned)."
     trial.set_user_attr("run_dir", str(run_dir))
-    cli = _cli(space, params, f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false",
+    cli = _cli(space, space.suggest(trial), f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false",
                "--trainer.enable_model_summary=false")
-    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    trainer.callbacks.append(ProbePruning(trial, every, size))
-    with quiet_trials(): trainer.fit(model, datamodule=dm)
-    acc = trainer.callback_metrics.get("val_acc")
+    cli.trainer.callbacks.append(ProbePruning(trial, every, size))
+    with quiet_trials(): cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    acc = cli.trainer.callback_metrics.get("val_acc")
     if acc is None: raise TuneError(f"trial {trial.number} ended without a validation accuracy: see its logs in {run_dir}")
     return float(acc)
 
+# %% ../nbs/08_tune.ipynb #c030
+def describe(t, # a finished trial (Optuna's `FrozenTrial`)
+             space, # its search space
+            ):
+    "How trial `t` ended, in how long, with which values: e.g. `val_acc 0.7720 in 34 s [lr=0.3 batch_size=128]`."
+    ended = {TrialState.COMPLETE: lambda: f"val_acc {t.value:.4f}",
+             TrialState.PRUNED: lambda: f"pruned after {t.last_step} images (probe accuracy {t.intermediate_values[t.last_step]:.4f})",
+             TrialState.FAIL: lambda: f"failed: {t.user_attrs.get('error', 'see the message above')}"}[t.state]()
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list) else str(v)
+    values = " ".join(f"{k.split('.')[-1]}={fmt(space.decode(k, v))}" for k, v in t.params.items())
+    return f"{ended} in {t.duration.total_seconds():.0f} s [{values}]"
+
 # %% ../nbs/08_tune.ipynb #c029
-class Interrupted(Exception):
-    "The study was stopped by Ctrl-C or a termination signal (trial `number` marked failed, or None between trials)."
+class Interrupted(KeyboardInterrupt):
+    "Ctrl-C stopped the study: trial `number` was failed and its values queued again (None: it stopped between trials)."
     def __init__(self, number=None): super().__init__(number); self.number = number
 
-def fail_gone_trials(study, storage):
-    "Mark failed the running trials whose worker is gone: killed on this machine, or silent past the heartbeat's grace period."
-    import optuna
-    from optuna.trial import TrialState
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # calls the storage's callback (`retry_trial`) for each
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not worker_gone(t.user_attrs.get("worker")): continue
-        try: failed = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError: failed = False  # it finished, or another worker got there first
-        if failed: retry_trial(study, t)
-
-def _counts(study):
-    from optuna.trial import TrialState
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {"finished": sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states),
-            "running": states.count(TrialState.RUNNING), "all": len(states)}
-
-def _short(params):
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list) else str(v)
-    return " ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in params.items())
-
-def _best(study):
-    try: return study.best_trial
-    except ValueError: return None  # no completed trial yet
-
-# %% ../nbs/08_tune.ipynb #c030
-def run_one(study, storage, space, trial, run_dir, heartbeat_s=30, probe_every=10_000, probe_size=1000):
-    "Run `trial` and tell the study how it ended: (state name, a line describing it)."
-    import optuna
-    from optuna.trial import TrialState
-    t0 = time.perf_counter()
-    try:
-        with heartbeat(storage, trial._trial_id, heartbeat_s): value = run_trial(space, trial, run_dir, probe_every, probe_size)
-    except optuna.TrialPruned as e:
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
-        study.tell(trial, state=TrialState.PRUNED)
-        return "PRUNED", str(e)
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C inside fit into SystemExit
-        study.tell(trial, state=TrialState.FAIL)
-        retry_trial(study, storage.get_trial(trial._trial_id))
-        raise Interrupted(trial.number) from None
-    except Exception as e:
-        trial.set_user_attr("error", f"{first_line(e)}")
-        study.tell(trial, state=TrialState.FAIL)
-        return "FAIL", f"failed: {first_line(e)}"
-    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
-    study.tell(trial, value)
-    return "COMPLETE", f"val_acc {value:.4f}"
-
-def _tune(space, n_trials, timeout, storage, study, root, pruner, prune_after, probe_every, probe_size, seed, best, heartbeat_s, log):
-    import optuna
-    for opt, v in (("n_trials", n_trials), ("probe_every", probe_every), ("probe_size", probe_size), ("heartbeat", heartbeat_s)):
-        if not (isinstance(v, int) and v >= 1): raise TuneError(f"--{opt} must be a whole number of at least 1, not {v!r}")
-    if timeout is not None and not timeout > 0: raise TuneError(f"--timeout must be a positive number of seconds, not {timeout!r}")
-    space = space if isinstance(space, SearchSpace) else load_space(space)
-    name = study or space.study
-    baseline = check_space(space)  # every searched key and value, built once before any training
-    url = storage or default_storage(root, name)
-    st = open_storage(url, heartbeat_s, on_stale=retry_trial)
-    study = open_study(space, st, url, name, baseline, make_pruner(pruner, prune_after, 2 * probe_every))
-    # (from the second probe on: at the first, a trial still warming up its learning rate looks worse than it will be)
-    folder, me, t0, failed_in_a_row = Path(root) / name, worker_id(), time.monotonic(), 0
-    log(f"study {name!r} in {shown_url(url)}: {_counts(study)['finished']} of {n_trials} trials finished")
-    while True:
-        if timeout is not None and time.monotonic() - t0 >= timeout:
-            log(f"--timeout {timeout:g} s reached: no new trial from this worker"); break
-        with study_lock(url, name):
-            fail_gone_trials(study, st)
-            n = _counts(study)
-            if n["finished"] + n["running"] >= n_trials:
-                log(f"study {name!r}: {n['finished']} of {n_trials} trials finished"
-                    + (f", {n['running']} running in other workers" if n["running"] else "")); break
-            study.sampler = optuna.samplers.TPESampler(seed=seed * 1_000_003 + n["all"])  # the trial's own stream: workers differ
-            trial = study.ask()
-            trial.set_user_attr("worker", me)
-            st.record_heartbeat(trial._trial_id)
-        state, what = run_one(study, st, space, trial, folder / f"trial-{trial.number:04d}", heartbeat_s, probe_every, probe_size)
-        b, done = _best(study), _counts(study)["finished"]
-        frozen = st.get_trial(trial._trial_id)
-        log(f"trial {trial.number} ({done} of {n_trials}): {what} in {frozen.user_attrs.get('seconds', 0):.0f} s "
-            f"[{_short({k: space.decode(k, v) for k, v in frozen.params.items()})}]"
-            + (f" | best {b.value:.4f} (trial {b.number})" if b else ""))
-        failed_in_a_row = failed_in_a_row + 1 if state == "FAIL" else 0
-        if failed_in_a_row >= 3: raise TuneError(f"3 trials in a row failed; the last {what}")
-    if _best(study):
-        path = Path(best) if best else folder / "best.yaml"
-        t = write_best(study, space, path, baseline)
-        log(f"best: trial {t.number}, val_acc {t.value:.4f} -> {path} (`cifarlab fit -c {path}` trains it)")
-    return study
-
-def tune(space, # a search-space file (or a loaded `SearchSpace`)
-         n_trials=20, # finished (completed or pruned) trials the study should reach, all workers together
-         timeout=None, # seconds after which this worker starts no new trial
-         storage=None, # a database URL (default: `default_storage`)
-         study=None, # the study's name (default: the space's)
-         root="runs/tune", # the folder of studies: `<root>/<study>/trial-NNNN/` for each trial's run
-         pruner="median", # a `Pruner`
-         prune_after=3, # finished trials before the median pruner prunes
-         probe_every=10_000, # training images between pruning probes
-         probe_size=1000, # validation images each probe uses
-         seed=0, # the sampler's seed
-         best=None, # where to write the best recipe (default: `<root>/<study>/best.yaml`)
-         heartbeat_s=30, # seconds between a running trial's heartbeats
-         log=print, # where progress lines go
-        ):
-    "Run (or join, or resume) a study until it has `n_trials` finished trials or `timeout` seconds pass; return the study."
-    with quiet_trials():
-        return _tune(space, n_trials, timeout, storage, study, root, pruner, prune_after, probe_every, probe_size, seed, best,
-                     heartbeat_s, log)
-
-# %% ../nbs/08_tune.ipynb #c034
 def tune_command(space:str, # the search space: a YAML file such as configs/search/quick.yaml
                  n_trials:int=20, # finished (completed or pruned) trials the study should reach, all workers together
                  timeout:float=None, # seconds after which this worker starts no new trial (default: no limit)
@@ -542,13 +382,70 @@ def tune_command(space:str, # the search space: a YAML file such as configs/sear
                  probe_size:int=1000, # validation images each check uses
                  seed:int=0, # the sampler's seed (each trial draws from its own stream)
                  best:str=None, # where to write the best trial's recipe (default: <root>/<study>/best.yaml)
-                 heartbeat:int=30, # seconds between a running trial's heartbeats; two missed and another worker fails it
+                 heartbeat:int=30, # seconds between a running trial's heartbeats; silent for two, any worker fails it and runs it again
                 ):
     "Search hyper-parameters with Optuna: validation accuracy, pruning, resumable, many workers on one database."
-    try:
-        tune(space, n_trials, None if timeout is None else float(timeout), storage, study, root, pruner, prune_after,
-             probe_every, probe_size, seed, best, heartbeat, log=lambda line: print(line, flush=True))
-    except (Interrupted, KeyboardInterrupt) as e:
-        which = f"trial {e.number} marked failed (its values are queued again)" if getattr(e, "number", None) is not None else "between trials"
-        print(f"cifarlab tune: interrupted: {which}; run the same command to resume", file=sys.stderr)
+    options = dict(locals())
+    try: tune(log=lambda line: print(line, flush=True), **options)
+    except KeyboardInterrupt as e:
+        n = getattr(e, "number", None)
+        print(f"cifarlab tune: interrupted ({'between trials' if n is None else f'trial {n} failed and queued again'}); "
+              "run the same command to resume", file=sys.stderr)
         return 130
+
+def tune(space, # a search-space file, or a loaded `SearchSpace`
+         log=print, # where the progress lines go
+         **options, # `tune_command`'s options, by name (with its defaults)
+        ):
+    "Run, join or resume a study until it has `n_trials` finished trials or `timeout` seconds pass; return the study."
+    args = inspect.signature(tune_command).bind(space, **options); args.apply_defaults()
+    o = SimpleNamespace(**args.arguments)
+    for opt in ("n_trials", "probe_every", "probe_size", "heartbeat"):
+        if not (isinstance(v := getattr(o, opt), int) and v >= 1): raise TuneError(f"--{opt} must be a whole number of at least 1, not {v!r}")
+    if o.timeout is not None and not o.timeout > 0: raise TuneError(f"--timeout must be a positive number of seconds, not {o.timeout!r}")
+    # the median pruner judges from the second probe on: at the first, a trial still warming up looks worse than it will be
+    pruner = make_pruner(o.pruner, o.prune_after, 2 * o.probe_every)
+    with quiet_trials():
+        space = space if isinstance(space, SearchSpace) else load_space(space)
+        name = o.study or space.study
+        baseline = check_space(space)  # every searched key and value, built once before any training
+        url = o.storage or default_storage(o.root, name)
+        storage = open_storage(url, o.heartbeat)
+        study = open_study(space, storage, name, baseline, pruner)
+        retry, me, folder, ended, running = storage.get_heartbeat_stale_trial_callback(), worker_id(), Path(o.root) / name, [], []
+
+        def objective(trial):
+            running[:] = [trial.number]
+            trial.set_user_attr("worker", me)
+            # the sampler draws when the trial asks: seeded by the trial's number, no two trials share a stream
+            study.sampler = optuna.samplers.TPESampler(seed=o.seed * 1_000_003 + trial.number)
+            try: return run_trial(space, trial, folder / f"trial-{trial.number:04d}", o.probe_every, o.probe_size)
+            except Exception as e: trial.set_user_attr("error", first_line(e)); raise
+
+        def progress(study, t):
+            running.clear(); ended.append(t.state)
+            b = _best(study)
+            log(f"trial {t.number} ({_finished(study)} of {o.n_trials}): {describe(t, space)}"
+                + (f" | best {b.value:.4f} (trial {b.number})" if b else ""))
+            fail_gone_trials(study, retry)
+            if ended[-3:] == [TrialState.FAIL] * 3: raise TuneError(f"3 trials in a row failed; the last: {t.user_attrs.get('error')}")
+
+        fail_gone_trials(study, retry)
+        log(f"study {name!r} in {shown_url(url)}: {_finished(study)} of {o.n_trials} trials finished")
+        if _finished(study) < o.n_trials:
+            try: study.optimize(objective, timeout=o.timeout, catch=(Exception,),
+                                callbacks=[progress, optuna.study.MaxTrialsCallback(o.n_trials, states=FINISHED)])
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C; inside `fit` Lightning makes it sys.exit(1), which Optuna lets through
+                t = study.trials[running[0]] if running else None
+                if t is not None and t.state == TrialState.RUNNING: t = study.tell(t.number, state=TrialState.FAIL)
+                if t is None or t.state != TrialState.FAIL: raise Interrupted() from None  # between trials
+                retry(study, t)
+                raise Interrupted(t.number) from None
+        busy = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        log(f"study {name!r}: {_finished(study)} of {o.n_trials} trials finished" + (f", {busy} running in other workers" if busy else "")
+            + (f"; --timeout {o.timeout:g} s reached" if _finished(study) < o.n_trials and o.timeout else ""))
+        if b := _best(study):
+            path = Path(o.best) if o.best else folder / "best.yaml"
+            write_best(study, space, path, baseline)
+            log(f"best: trial {b.number}, val_acc {b.value:.4f} -> {path} (`cifarlab fit -c {path}` trains it)")
+    return study
