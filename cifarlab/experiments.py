@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import warnings
@@ -149,13 +148,17 @@ def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
               "val_acc": _metric(trainer, "val_acc"), "device": str(trainer.strategy.root_device),
               "precision": str(trainer.precision), "params": sum(p.numel() for p in model.parameters()),
               "log_dir": trainer.log_dir,
-              # relative to where the run started, like log_dir: a record holds no path of the machine it ran on
-              "checkpoint": os.path.relpath(next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last))}
+              "checkpoint": _as_given(trainer, next(cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.save_last))}
     if test:  # the model as training left it, which is the one last.ckpt holds
         trainer.test(model, datamodule=dm, verbose=False)
         record.update(test_acc=_metric(trainer, "test_acc"), test_images=len(dm.splits["test"][1]), tta=model.hparams.tta)
     synchronize(); record["wall_time_s"] = time.perf_counter() - t0
     return record
+
+def _as_given(trainer, path):
+    "`path`, a file in the run's folder, under `default_root_dir` as the run was given it (relative stays relative, like `log_dir`)."
+    root = Path(trainer.default_root_dir)
+    return str(root / Path(path).relative_to(root.resolve()))
 
 def _metric(trainer, key):
     v = trainer.callback_metrics.get(key)
