@@ -238,7 +238,9 @@ def test_ctrl_c_fails_the_trial_queues_it_and_exits_130(tmp_path, data_dir):
     storage = f"sqlite:///{root / 'tiny' / 'study.db'}"
     cmd = tune_cmd(space, root, "--n_trials", 2, "--pruner", "none")
     with open(tmp_path / "first.log", "w") as log:
-        worker = subprocess.Popen(cmd, cwd=ROOT, env=env_with_venv(), stdout=log, stderr=subprocess.STDOUT)
+        # Ctrl-C's default action, even where this run inherited SIGINT ignored (a shell's background job)
+        worker = subprocess.Popen(cmd, cwd=ROOT, env=env_with_venv(), stdout=log, stderr=subprocess.STDOUT,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             trial = wait_for_running_trial(worker, storage, tmp_path / "first.log")
             worker.send_signal(signal.SIGINT)
