@@ -57,7 +57,8 @@ def retried(t): return RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
 
 
 def wait_for_running_trial(worker, storage, log, after=0):
-    "Wait until the study has `after` finished trials and one of `worker`'s trials is training; return that trial."
+    """Wait until the study has `after` finished trials and one of `worker`'s trials is training; return that trial with
+    the worker stopped (SIGSTOP), so the trial cannot end before the caller's signal: send it, then SIGCONT."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.2)
@@ -65,11 +66,28 @@ def wait_for_running_trial(worker, storage, log, after=0):
         except Exception: continue  # the study is not created yet
         done = [t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]
         mine = [t for t in ts if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").split(":")[1:2] == [str(worker.pid)]]
-        if len(done) >= after and mine and Path(mine[0].user_attrs.get("run_dir", "-")).exists(): return mine[0]
+        if len(done) >= after and mine and Path(mine[0].user_attrs.get("run_dir", "-")).exists():
+            worker.send_signal(signal.SIGSTOP)
+            try:
+                if trials(storage)[mine[0].number].state.name == "RUNNING": return mine[0]  # still training, now frozen
+            except Exception: pass  # frozen while writing: let it finish, look again
+            worker.send_signal(signal.SIGCONT)  # it ended between the two looks: wait for the next one
     pytest.fail(f"never saw {after} finished trials and a running one: " + Path(log).read_text()[-2000:])
 
 
-# ---------------------------------------------------------------------------------------------------------- bad input
+def hold_until_all_joined(workers, logs, timeout=240):
+    """Stop each worker (SIGSTOP) as it joins the study (its first line), then let them all go on at once: however
+    unevenly they started, each finds trials left to run."""
+    waiting, deadline = set(range(len(workers))), time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for i in list(waiting):
+            if workers[i].poll() is not None: pytest.fail(f"worker {i} ended before the others joined: {Path(logs[i]).read_text()[-2000:]}")
+            if "trials finished" in Path(logs[i]).read_text():
+                workers[i].send_signal(signal.SIGSTOP); waiting.discard(i)
+        time.sleep(0.05)
+    for w in workers: w.send_signal(signal.SIGCONT)
+    assert not waiting, f"workers {sorted(waiting)} did not join within {timeout} s"
+
 
 @pytest.fixture(scope="module")
 def made_study(tmp_path_factory, data_dir):
@@ -126,6 +144,7 @@ def test_hopeless_lr_is_pruned(tmp_path, data_dir):
 
 # ---------------------------------------------------------------------------------- SQLite default: kill -9 and resume
 
+@pytest.mark.slow
 def test_sqlite_study_killed_mid_trial_resumes(tmp_path, data_dir):
     space, root = tiny_space(tmp_path, data_dir), tmp_path / "runs"
     storage = f"sqlite:///{root / 'tiny' / 'study.db'}"
@@ -182,12 +201,14 @@ def postgres():
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_postgres_study(tmp_path, data_dir, postgres):
     space, root, n = tiny_space(tmp_path, data_dir), tmp_path / "runs", 6
     cmd = tune_cmd(space, root, "--n_trials", n, "--storage", postgres)
     logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]
     workers = [subprocess.Popen(cmd, cwd=ROOT, env=env_with_venv(), stdout=f, stderr=subprocess.STDOUT) for f in logs]
     try:
+        hold_until_all_joined(workers, [f.name for f in logs])
         codes = [w.wait(timeout=400) for w in workers]
     finally:
         for w in workers:
@@ -208,6 +229,7 @@ def test_two_workers_share_a_postgres_study(tmp_path, data_dir, postgres):
 
 # -------------------------------------------------------------------- a dead worker's trial runs again in another
 
+@pytest.mark.slow
 def test_killed_workers_trial_runs_again_beside_it(tmp_path, data_dir):
     space, root = tiny_space(tmp_path, data_dir), tmp_path / "runs"
     storage = f"sqlite:///{root / 'tiny' / 'study.db'}"
@@ -231,10 +253,34 @@ def test_killed_workers_trial_runs_again_beside_it(tmp_path, data_dir):
     assert 6 <= len([t for t in ts if t.state.name == "COMPLETE"]) <= 7
 
 
+def test_silent_worker_elsewhere_is_failed_after_two_heartbeats_and_its_trial_retried(tmp_path, data_dir):
+    "A trial whose worker is on another machine (its pid means nothing here) is failed by the heartbeat alone, then re-run."
+    from cifarlab.tune import check_space, load_space, open_storage, open_study, tune
+    space = load_space(tiny_space(tmp_path, data_dir))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = open_storage(url, heartbeat=1)
+    study = open_study(space, storage, "tiny", check_space(space))
+    lost = study.ask()  # the queued base recipe, taken by a worker elsewhere that beat once and went silent
+    space.suggest(lost)
+    lost.set_user_attr("worker", "another-host.example:4242")
+    storage.record_heartbeat(lost._trial_id)
+    time.sleep(1.0)  # one silent interval: not stale yet
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[lost.number].state.name == "RUNNING"
+    time.sleep(1.5)  # past two silent intervals
+    tune(space, storage=url, study="tiny", n_trials=1, heartbeat=1, root=tmp_path / "runs", probe_every=500,
+         probe_size=250, pruner="none", log=lambda _: None)
+    ts = trials(url)
+    assert ts[lost.number].state.name == "FAIL", states(ts)
+    retry = [t for t in ts if retried(t) == lost.number]
+    assert len(retry) == 1 and retry[0].params == ts[lost.number].params and retry[0].state.name == "COMPLETE", states(ts)
+
+
 # ---------------------------------------------------------------------------------------------------------- Ctrl-C
 
+@pytest.mark.slow
 def test_ctrl_c_fails_the_trial_queues_it_and_exits_130(tmp_path, data_dir):
-    space, root = tiny_space(tmp_path, data_dir, subset=6000), tmp_path / "runs"  # a trial long enough to interrupt
+    space, root = tiny_space(tmp_path, data_dir), tmp_path / "runs"
     storage = f"sqlite:///{root / 'tiny' / 'study.db'}"
     cmd = tune_cmd(space, root, "--n_trials", 2, "--pruner", "none")
     with open(tmp_path / "first.log", "w") as log:
@@ -243,7 +289,7 @@ def test_ctrl_c_fails_the_trial_queues_it_and_exits_130(tmp_path, data_dir):
                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             trial = wait_for_running_trial(worker, storage, tmp_path / "first.log")
-            worker.send_signal(signal.SIGINT)
+            worker.send_signal(signal.SIGINT); worker.send_signal(signal.SIGCONT)
             assert worker.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-2000:]
         finally:
             if worker.poll() is None: worker.kill(); worker.wait()
