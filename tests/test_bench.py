@@ -2,11 +2,14 @@
 import json
 import sys
 
+import pytest
+
 from conftest import env_with_venv, run
 
-# a network and data small enough for seconds per run on two CPU cores; everything else is the recipes' own
+# a network and data small enough for seconds per run on two CPU cores; everything else is the recipes' own but
+# torch.compile, whose C++ build would add half a minute to each of the six processes (03_model compiles a network)
 TINY = ["--set=--model.net.init_args.widths=[8,16,16]", "--set=--data.subset=1000", "--set=--data.batch_size=250",
-        "--set=--data.val_size=1000", "--set=--trainer.max_epochs=2"]
+        "--set=--data.val_size=1000", "--set=--trainer.max_epochs=2", "--set=--model.compile=false"]
 
 
 def check_runs(runs, recipe, seeds, target):
@@ -18,23 +21,25 @@ def check_runs(runs, recipe, seeds, target):
         # the curve's last point and the final test measure the same model on the same images
         assert abs(r["curve"][-1]["test_acc"] - r["test_acc"]) < 1e-6
         assert 0 < r["train_s"] < r["wall_s"] and r["images_per_s"] > 0 and r["peak_rss_mib"] > 100
-        assert r["time_to_target_s"] == next((p["time_s"] for p in r["curve"] if p["test_acc"] >= target), None)
+        # target 0: every run reaches it at its first epoch (a real target would leave this None == None on 1000 images)
+        assert target == 0 and r["time_to_target_s"] == r["curve"][0]["time_s"]
 
 
+@pytest.mark.slow
 def test_gpu_script_on_cpu_with_a_tiny_config_and_a_comparison(tmp_path, data_dir):
     "bench/gpu94.sh end to end on the CPU; `--compare` passes through to the harness, so one run checks both modes."
     out = tmp_path / "gpu94.json"
-    res = run(["bash", "bench/gpu94.sh", *TINY, "--compare", "configs/quick.yaml"],
-              env=env_with_venv(PYTHON=sys.executable, SEEDS="2", OUT=str(out), DATA=str(data_dir)), timeout=600)
+    res = run(["bash", "bench/gpu94.sh", *TINY, "--target", "0", "--compare", "configs/quick.yaml"],
+              env=env_with_venv(PYTHON=sys.executable, SEEDS="2", WARMUP="0", OUT=str(out), DATA=str(data_dir)), timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     result = json.loads(out.read_text())
     gpu94, quick = result["runs"]["gpu94"], result["runs"]["quick"]
-    check_runs(gpu94, "gpu94", [0, 1], 0.94); check_runs(quick, "quick", [0, 1], 0.94)  # the warm-ups are not among them
+    check_runs(gpu94, "gpu94", [0, 1], 0); check_runs(quick, "quick", [0, 1], 0)
     # seed 0: gpu94 then quick; seed 1: quick then gpu94
     assert [r["order"] for r in gpu94] == [0, 3] and [r["order"] for r in quick] == [1, 2]
     s, c = result["summary"], result["comparison"]
     accs = [r["test_acc"] for r in gpu94]
-    assert s["gpu94"]["runs"] == 2 and s["gpu94"]["target"] == 0.94
+    assert s["gpu94"]["runs"] == 2 and s["gpu94"]["target"] == 0
     assert abs(s["gpu94"]["test_acc_mean"] - sum(accs) / 2) < 1e-9
     assert s["gpu94"]["test_acc_min"] == min(accs) and s["gpu94"]["test_acc_max"] == max(accs)
     assert c["recipes"] == ["gpu94", "quick"]
@@ -55,11 +60,17 @@ def test_bad_recipe_path_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-# A stand-in for the seed's repository: the shape bench/vs_seed.py relies on (main.py with `run_experiment(config)`
-# and the `experiments` list inside `main()`), answering at once; only exp1's settings give 0.5.
+# A stand-in for the seed's repository (offline, CI cannot clone it): the shape bench/vs_seed.py relies on (main.py
+# with `run_experiment(config)` and the `experiments` list inside `main()`). It answers at once, from the data the
+# harness unpacked where torchvision's CIFAR10(root="data") reads it: exp1's settings get the share of cats among the
+# test labels (exactly 0.1 in the real test batch), any other settings 0.
 STAND_IN_MAIN = '''
+import pickle
+
 def run_experiment(config):
-    return {"config": config, "test_acc": 0.5 if (config["name"], config["epochs"], config["batch_size"]) == ("exp1", 3, 64) else 0.0}
+    if (config["name"], config["epochs"], config["batch_size"]) != ("exp1", 3, 64): return {"config": config, "test_acc": 0.0}
+    with open("data/cifar-10-batches-py/test_batch", "rb") as f: labels = pickle.load(f, encoding="bytes")[b"labels"]
+    return {"config": config, "test_acc": labels.count(3) / len(labels)}
 
 def main():
     experiments = [
@@ -69,6 +80,7 @@ def main():
 '''
 
 
+@pytest.mark.slow
 def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp_path, archive, data_dir):
     seed_repo = tmp_path / "seed"; seed_repo.mkdir()
     (seed_repo / "main.py").write_text(STAND_IN_MAIN)
@@ -80,14 +92,13 @@ def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp
     r = json.loads(out.read_text())
     # k=0: cifarlab then the seed; k=1: the seed alone (order swaps every round)
     assert [x["order"] for x in r["runs"]["cifarlab"]] == [0] and [x["order"] for x in r["runs"]["seed_exp1"]] == [1, 2]
-    assert [x["test_acc"] for x in r["runs"]["seed_exp1"]] == [0.5, 0.5]  # exp1's settings, read from main.py
+    assert [x["test_acc"] for x in r["runs"]["seed_exp1"]] == [0.1, 0.1]  # exp1's settings, on the real test batch
     c = r["runs"]["cifarlab"][0]
     assert 0 < c["train_s"] < c["wall_s"] and c["epochs"] == 1 and 0 <= c["test_acc"] <= 1 and c["cpu_s"] > 1
     assert abs(r["ratio_wall_median"] - r["summary"]["cifarlab"]["wall_s_median"] / r["summary"]["seed_exp1"]["wall_s_median"]) < 1e-12
     assert r["machine"]["cifarlab_precision"] == c["precision"] and r["machine"]["cpu_flags"]
-    # both sides here are this environment's Python: whatever it finds of torch's bytecode, it finds for both
-    written = r["machine"]["torch_bytecode_written"]
-    assert set(written) == {"cifarlab", "seed"} and written["cifarlab"] == written["seed"], written
+    written = r["machine"]["torch_bytecode_written"]  # for each side's Python (here both are this environment's)
+    assert set(written) == {"cifarlab", "seed"} and all(isinstance(v, bool) for v in written.values()), written
     # the seed's data: the archive's batches, unpacked where torchvision's CIFAR10(root="data") looks
     batches = sorted(p.name for p in (seed_repo / "data" / "cifar-10-batches-py").iterdir())
     assert batches == sorted(["batches.meta", "test_batch", *[f"data_batch_{i}" for i in range(1, 6)]])

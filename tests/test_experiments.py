@@ -7,9 +7,11 @@ import subprocess
 import time
 
 import pandas as pd
+import pytest
 import torch
 
-from cifarlab.evaluate import predict_test_split
+from cifarlab.cli import main
+from cifarlab.evaluate import load_run, predict_test_split
 from conftest import BIN, ROOT, env_with_venv, run
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -36,6 +38,7 @@ def last_checkpoint(root):
     return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path):
     args = ["-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3200", "--trainer.max_epochs=4",
             f"--trainer.default_root_dir={tmp_path}", *QUIET]
@@ -67,6 +70,7 @@ def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path):
     assert sorted(resumed.dropna(subset=["train_loss"]).epoch) == list(range(killed_at + 1, 4)), resumed
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(data_dir, tmp_path):
     probe = tmp_path / "probe.yaml"  # tests/ddp_probe.py: each rank writes fingerprints of the images it trained on
     probe.write_text(json.dumps({"trainer": {"callbacks": [{"class_path": "ddp_probe.ImageLog",
@@ -82,15 +86,19 @@ def test_ddp_two_cpu_processes(data_dir, tmp_path):
     assert len(shards[0]) == len(shards[1]) == 640 and not shards[0] & shards[1]  # different halves of the subset
 
 
-def test_test_and_validate_commands(tiny_ckpt, data_dir, tmp_path):
-    "`cifarlab test` and `cifarlab validate` on a checkpoint: Lightning's loops give the numbers our own predictions give."
+def test_test_and_validate_commands(tiny_ckpt, data_dir, tmp_path, capsys):
+    """`cifarlab test` and `cifarlab validate` on a checkpoint: Lightning's loops give the numbers our own predictions
+    give. In process: the dispatcher the console script calls (the other tests here start the script itself)."""
     common = ["-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000", f"--ckpt_path={tiny_ckpt}",
               f"--trainer.default_root_dir={tmp_path}", *QUIET]
-    res = run([BIN / "cifarlab", "test", *common])
-    assert res.returncode == 0, res.stderr[-3000:]
-    shown = float(re.search(r"test_acc\W+([0-9.]+)", res.stdout).group(1))
+    shown = lambda metric, out: float(re.search(metric + r"\W+([0-9.]+)", out).group(1))
+    assert main(["test", *common]) in (0, None)
+    out = capsys.readouterr().out
     probs, labels = predict_test_split(tiny_ckpt, data_dir)  # the whole test split; the run's subset is its first 3000
-    assert abs(shown - (probs[:3000].argmax(1) == labels[:3000]).mean()) < 1e-4, res.stdout
-    res = run([BIN / "cifarlab", "validate", *common])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert 0 < float(re.search(r"val_acc\W+([0-9.]+)", res.stdout).group(1)) < 1, res.stdout
+    assert abs(shown("test_acc", out) - (probs[:3000].argmax(1) == labels[:3000]).mean()) < 1e-4, out
+    assert main(["validate", *common]) in (0, None)
+    out = capsys.readouterr().out
+    model, dm = load_run(tiny_ckpt, data_dir)  # its validation split: the run's subset is the first 3000 of the 5000
+    with torch.no_grad(): batches = [(model.predict_step((x, y)).argmax(1), y) for x, y in dm.val_dataloader()]
+    preds, labels = (torch.cat(t)[:3000] for t in zip(*batches))
+    assert abs(shown("val_acc", out) - (preds == labels).float().mean().item()) < 1e-4, out

@@ -113,9 +113,14 @@ def png_raw(width, height, bit_depth, color_type, rows):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
+def a_picture():
+    "The picture every kind below encodes: 60x80 RGB noise, the same each time."
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+
+
 def kinds_of_images():
-    rng = np.random.default_rng(0)
-    pic = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    rng = np.random.default_rng(1)
+    pic = a_picture()
     pal = pic.convert("P")
     pal.info["transparency"] = 0
     rgb16 = b"".join(b"\x00" + rng.integers(0, 256, 40 * 6, dtype=np.uint8).tobytes() for _ in range(30))
@@ -130,11 +135,23 @@ def kinds_of_images():
     }
 
 
+def same_pixels():
+    "kind -> a plain 8-bit RGB PNG of the very pixels that kind holds losslessly: the service must answer both alike."
+    pic = a_picture()
+    rgb, grey, bits = png(pic), png(pic.convert("L").convert("RGB")), png(pic.convert("1").convert("RGB"))
+    return {"BMP": rgb, "TIFF": rgb, "RGBA": rgb, "grayscale": grey, "gray+alpha": grey, "1-bit": bits}
+
+
 @pytest.mark.parametrize("kind", list(kinds_of_images()))
 def test_every_kind_of_image_is_classified(server, kind):
-    r = predict(server, kinds_of_images()[kind])
+    r = predict(server, kinds_of_images()[kind], params={"k": 10})
     assert r.status_code == 200, r.text
-    assert len(r.json()["predictions"]) == 5
+    preds = r.json()["predictions"]
+    probs = [p["probability"] for p in preds]
+    assert sorted(p["class"] for p in preds) == sorted(CLASSES) and probs == sorted(probs, reverse=True), preds
+    assert sum(probs) == pytest.approx(1, abs=1e-6)
+    if kind in same_pixels():  # the same pixels in another container: the same answer, to the last digit
+        assert preds == predict(server, same_pixels()[kind], params={"k": 10}).json()["predictions"]
 
 
 @functools.cache
@@ -211,10 +228,13 @@ def test_bombs_are_refused_fast_with_flat_memory(server, right_image):
     assert max(map(len, bombs)) < 200_000  # small files: 144 million pixels (or far more) declared
     assert_still_serving(server, right_image)
     before = peak_rss_kb(server.proc.pid)
-    for data in bombs:
-        t0 = time.perf_counter()
-        assert predict(server, data).status_code == 413
-        assert time.perf_counter() - t0 < 2
+    for data in bombs:  # the bombs are built above, outside the timed window; a median of 3 rides out a busy moment
+        seconds = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assert predict(server, data).status_code == 413
+            seconds.append(time.perf_counter() - t0)
+        assert sorted(seconds)[1] < 2, seconds  # decoding 144 million pixels takes longer than that here
     assert peak_rss_kb(server.proc.pid) - before < 50_000  # decoding any of them would take 144 MB or more
     assert_still_serving(server, right_image)
 
