@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: cifarlab, dvc, nbdev_export, ...
@@ -62,6 +63,20 @@ def copy_of_repo(dst):
     return dst
 
 
+def pytest_configure(config):
+    # Two test processes on two cores: each trains on one thread (and so do the processes it starts), so that
+    # neither spins on threads of its own that the other one's work has taken the core from.
+    if os.environ.get("PYTEST_XDIST_WORKER"): os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    # --dist loadgroup: a file's tests run in one process, with the servers and builds its fixtures make once, except
+    # the walkthrough's notebooks, independent of each other, which the two processes share out one by one
+    for item in items:
+        if item.path.name != "test_walkthrough.py": item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 def pytest_terminal_summary(terminalreporter):
     # Figures a test records with record_property (the walkthrough's times, the image's size) end the report.
     for report in terminalreporter.stats.get("passed", []):
@@ -75,36 +90,57 @@ def free_port():
         return s.getsockname()[1]
 
 
+def once(tmp_path_factory, name, make):
+    """The folder `name`, made by `make(folder)` once for the whole run: the suite runs in two processes
+    (pytest-xdist), and whichever asks first builds it while the other waits on the lock, then both use it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"): root = root.parent  # the folder the workers share
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def data_dir():
+def data_dir(tmp_path_factory):
     "The prepared CIFAR-10 in data/cifar10, prepared from $CIFARLAB_ARCHIVE first when it is missing."
     d = ROOT / "data" / "cifar10"
-    if not (d / "meta.json").is_file():
+    def prepare(_):
+        if (d / "meta.json").is_file(): return
         if not os.environ.get("CIFARLAB_ARCHIVE"):
             missing("no prepared data/cifar10: set CIFARLAB_ARCHIVE (or run `cifarlab data`) to run the model tests")
         res = run([BIN / "cifarlab", "data", "--quiet", "--data_dir", d])
         assert res.returncode == 0, res.stderr
+    once(tmp_path_factory, "data-prepared", prepare)
     return d
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, data_dir):
-    "A SimpleCnn (configs/exp1.yaml) trained here for one epoch on 3000 images: about 20 s on two CPU cores."
-    root = tmp_path_factory.mktemp("tiny-run")
-    res = run([BIN / "cifarlab", "fit", "-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000",
-               "--trainer.max_epochs=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-               "--trainer.enable_model_summary=false"], timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return root / "checkpoints" / "last.ckpt"
+    "A SimpleCnn (configs/exp1.yaml) trained for one epoch on 3000 images, once a run: about 20 s on two CPU cores."
+    def train(root):
+        res = run([BIN / "cifarlab", "fit", "-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000",
+                   "--trainer.max_epochs=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+                   "--trainer.enable_model_summary=false"], timeout=900)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return once(tmp_path_factory, "tiny-run", train) / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="session")
 def exported_model(tmp_path_factory, tiny_ckpt, data_dir):
-    "`cifarlab export` of `tiny_ckpt` (test accuracy on the full test set): (the model's path, the finished process)."
-    out = tmp_path_factory.mktemp("export") / "model.onnx"
-    res = run([BIN / "cifarlab", "export", tiny_ckpt, "--output", out, "--data_dir", data_dir], timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return out, res
+    "`cifarlab export` of `tiny_ckpt` (test accuracy on the full test set), once a run: (the model's path, what it printed)."
+    def export(folder):
+        (folder / "model").mkdir()  # a folder of its own: the test of the export sees what else it wrote there
+        res = run([BIN / "cifarlab", "export", tiny_ckpt, "--output", folder / "model" / "model.onnx", "--data_dir", data_dir],
+                  timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        (folder / "stdout.txt").write_text(res.stdout)
+    folder = once(tmp_path_factory, "export", export)
+    return folder / "model" / "model.onnx", (folder / "stdout.txt").read_text()
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download is never used

@@ -16,12 +16,6 @@ def test_env_json_from_console_script():
     assert report["matmul"]["n"] == 300 and report["matmul"]["gflops"] > 0
 
 
-def test_env_bad_device_fails_clearly():
-    res = run([BIN / "cifarlab", "env", "--device", "no-such-device", "--size", "64"], timeout=120)
-    assert res.returncode == 1
-    assert "cannot compute on device 'no-such-device'" in res.stderr
-
-
 def test_ci_runs_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^(uv run [^\n]*pytest[^\n]*)$", readme, flags=re.M)

@@ -14,6 +14,8 @@ import yaml
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # left out of the quick subset (`-m "not slow"`)
+
 
 
 def sidebar_pages():
