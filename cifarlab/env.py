@@ -151,5 +151,5 @@ def env_command(json:store_true=False, # print one JSON object instead of text
     import sys
     report = env_report(device=device, n=size)
     print(dumps(report, indent=2) if json else format_env_report(report))
-    for problem in report["problems"]: print(f"cifarlab env: error: {problem}", file=sys.stderr)
+    for problem in report["problems"]: print(f"cifarlab env: {problem}", file=sys.stderr)
     return 0 if report["ok"] else 1
