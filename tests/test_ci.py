@@ -38,7 +38,8 @@ def test_check_sync_catches_hand_edit(tmp_path):
 @pytest.mark.parametrize("value", ["true", "True", "1", "yes", "on"])
 def test_a_missing_part_fails_under_any_ci_value(monkeypatch, value):
     monkeypatch.setenv("CI", value)
-    with pytest.raises(pytest.fail.Exception, match="CI must provide it: podman"): missing("podman")
+    with pytest.raises(BaseException) as raised: missing("podman")  # caught whatever it is: a skip here would hide the failure
+    assert raised.type is pytest.fail.Exception and "CI must provide it: podman" in str(raised.value), raised
 
 
 @pytest.mark.parametrize("value", [None, "", "0", "false", "no"])
