@@ -17,7 +17,6 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow  # left out of the quick subset (`-m "not slow"`)
 
 
-
 def sidebar_pages():
     "The page each notebook in nbs/sidebar.yml becomes: its `output-file` in nbdev's processed copy."
     def entries(items):

@@ -118,6 +118,7 @@ def a_picture():
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
 
 
+@functools.cache  # built once, not once a parametrised test
 def kinds_of_images():
     rng = np.random.default_rng(1)
     pic = a_picture()
@@ -135,6 +136,7 @@ def kinds_of_images():
     }
 
 
+@functools.cache
 def same_pixels():
     "kind -> a plain 8-bit RGB PNG of the very pixels that kind holds losslessly: the service must answer both alike."
     pic = a_picture()

@@ -89,6 +89,8 @@ def hold_until_all_joined(workers, logs, timeout=240):
     assert not waiting, f"workers {sorted(waiting)} did not join within {timeout} s"
 
 
+# ---------------------------------------------------------------------------------------------------------- bad input
+
 @pytest.fixture(scope="module")
 def made_study(tmp_path_factory, data_dir):
     "A study (no trial run) in an SQLite file, made from the tiny space: for the worker that arrives with another space."
