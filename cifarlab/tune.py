@@ -36,9 +36,9 @@ from .experiments import CifarCLI, quiet_lightning
 
 # %% auto #0
 __all__ = ['DISTRIBUTIONS', 'FINISHED', 'Pruner', 'TuneError', 'make_distribution', 'SearchSpace', 'load_space', 'quiet_trials',
-           'check_space', 'shown_url', 'default_storage', 'open_storage', 'worker_id', 'worker_gone',
-           'fail_gone_trials', 'make_pruner', 'open_study', 'ProbePruning', 'write_best', 'run_trial', 'describe',
-           'Interrupted', 'tune_command', 'tune']
+           'check_space', 'shown_url', 'default_storage', 'lock_sqlite_on_begin', 'open_storage', 'worker_id',
+           'worker_gone', 'fail_gone_trials', 'make_pruner', 'open_study', 'ProbePruning', 'write_best', 'run_trial',
+           'describe', 'Interrupted', 'tune_command', 'tune']
 
 # %% ../nbs/08_tune.ipynb #c006
 class TuneError(CifarlabError):
@@ -192,6 +192,17 @@ def default_storage(root, study):
     "The embedded default: an SQLite file in the study's folder, `<root>/<study>/study.db`."
     return f"sqlite:///{Path(root) / study / 'study.db'}"
 
+def lock_sqlite_on_begin(engine):
+    """Make each transaction on SQLite `engine` take the database's write lock when it begins (`BEGIN IMMEDIATE`).
+    Python's sqlite3 starts a transaction only at its first write, so two workers could both read a queued trial as
+    waiting and both claim it (Optuna's `SELECT ... FOR UPDATE` means nothing to SQLite); with the lock taken first,
+    the second one reads it as running."""
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, record): dbapi_connection.isolation_level = None
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection): connection.exec_driver_sql("BEGIN IMMEDIATE")
+    engine.dispose()  # connections opened before the listeners: closed, so every one from now on has them
+
 def open_storage(url, # a SQLAlchemy database URL: sqlite:///path.db, postgresql://user@host:port/db, ...
                  heartbeat=30, # seconds between a running trial's heartbeats; silent for two and it is failed
                  max_retry=2, # times a failed (stale) trial's values are queued again
@@ -201,14 +212,17 @@ def open_storage(url, # a SQLAlchemy database URL: sqlite:///path.db, postgresql
     except Exception as e:
         raise TuneError(f"malformed storage URL {url!r} ({first_line(e)}): expected e.g. sqlite:///runs/tune/study.db "
                         "or postgresql://user@host:5432/dbname") from None
+    sqlite = u.get_backend_name() == "sqlite"
     # local workers wait for each other's SQLite writes; an unreachable server is reported after 10 s
     kw = {"sqlite": {"connect_args": {"timeout": 60}}, "postgresql": {"connect_args": {"connect_timeout": 10}}}.get(u.get_backend_name(), {})
-    if u.get_backend_name() == "sqlite" and u.database: Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    if sqlite and u.database: Path(u.database).parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         try:
             with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
-                return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry))
+            if sqlite: lock_sqlite_on_begin(storage.engine)
+            return storage
         except Exception as e:
             collided = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
             if not collided or attempt == 2: raise TuneError(f"cannot open storage {shown_url(url)}: {first_line(e)}") from None
