@@ -33,7 +33,9 @@ def run_notebook(path):
         nb.cells.insert(0, nbformat.v4.new_code_cell(RECORD_FIGURES))
         nb.cells.append(nbformat.v4.new_code_cell("import json; print(json.dumps(_figure_texts))"))
     try:
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        # the kernel is killed when done ("immediate"): a graceful exit spends 2-3 s freeing torch's modules one by one
+        NotebookClient(nb, timeout=600, kernel_name="python3", shutdown_kernel="immediate",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
     except CellExecutionError as e:
         failed = next((i for i, c in enumerate(nb.cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
         cell = nb.cells[failed] if failed is not None else None
