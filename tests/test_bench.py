@@ -7,9 +7,10 @@ import pytest
 from conftest import env_with_venv, run
 
 # a network and data small enough for seconds per run on two CPU cores; everything else is the recipes' own but
-# torch.compile, whose C++ build would add half a minute to each of the six processes (03_model compiles a network)
+# torch.compile, whose C++ build would add half a minute to each run (03_model compiles a network), and test-time
+# augmentation, which evaluates every validation and test image six times in gpu94 (03_model tests it)
 TINY = ["--set=--model.net.init_args.widths=[8,16,16]", "--set=--data.subset=1000", "--set=--data.batch_size=250",
-        "--set=--data.val_size=1000", "--set=--trainer.max_epochs=2", "--set=--model.compile=false"]
+        "--set=--data.val_size=1000", "--set=--trainer.max_epochs=2", "--set=--model.compile=false", "--set=--model.tta=none"]
 
 
 def check_runs(runs, recipe, seeds):

@@ -138,15 +138,15 @@ def test_default_recipe_exports_and_verifies(data_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt, model = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "model.onnx"
     # export and verify in this process (the same commands; the fit above is the whole-process run)
-    assert cifarlab(["export", str(ckpt), "--output", str(model), "--data_dir", str(data_dir), "--limit", "2000"]) == 0
+    assert cifarlab(["export", str(ckpt), "--output", str(model), "--data_dir", str(data_dir), "--limit", "500"]) == 0
     c = contract_of(model)
     assert c["source"]["net"] == "cifarlab.model.FastNet" and c["test_time_augmentation"]["tta"] == "flip"
     assert c["normalisation"]["setting"] == "dataset"
     report = tmp_path / "verify.json"
-    assert cifarlab(["verify", str(model), "--data_dir", str(data_dir), "--limit", "2000", "--report", str(report)]) == 0
+    assert cifarlab(["verify", str(model), "--data_dir", str(data_dir), "--limit", "500", "--report", str(report)]) == 0
     r = json.loads(report.read_text())
     assert r["passed"] and r["max_abs_logit_diff"] <= 1e-4 and r["onnx_accuracy"] == r["torch_accuracy"]
-    assert "recorded_accuracy" in r["checks"]  # same 2000 images as at export: the recorded accuracy is checked too
+    assert "recorded_accuracy" in r["checks"]  # same 500 images as at export: the recorded accuracy is checked too
 
 
 def test_verify_fails_on_the_recorded_accuracy_alone(exported_model, tiny_ckpt, data_dir, tmp_path, capsys):
