@@ -37,8 +37,7 @@ def process_notebooks():
     from nbdev.config import get_config
     from nbdev.serve import proc_nbs
     cfg = get_config()  # found from the working directory, hence main()'s chdir
-    # in this process (n_workers=0): it imports the package once, where each of nbdev's worker processes would
-    # import torch and Lightning again (44 s of CPU on two workers, 24 s here, for the same wall time)
+    # in this process (n_workers=0): the package (torch, Lightning) is imported once, not once a worker process
     return proc_nbs(cfg.nbs_path, n_workers=0), cfg
 
 
