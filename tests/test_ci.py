@@ -1,5 +1,6 @@
 """The project's own checks: the console script, README's test command, and the library/notebook sync check."""
 import json
+import os
 import re
 
 import pytest
@@ -52,3 +53,10 @@ def test_a_missing_part_skips_outside_ci(monkeypatch, value):
 def test_ci_script_declares_itself_ci():
     "Run by hand, .ci/run still fails on a missing part rather than skipping it."
     assert re.search(r"^export CI=true$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
+
+
+def test_a_files_tests_share_one_process(request):
+    """Under the suite's two processes (pytest-xdist, --dist loadgroup) a file's tests are one group, so the servers,
+    images and trainings its fixtures make are made once: pytest-xdist marks a grouped test's id with its group."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"): pytest.skip("run without pytest-xdist (-n 0): nothing is shared out")
+    assert request.node.nodeid.endswith("@test_ci"), f"{request.node.nodeid}: not grouped (see pytest's pin in pyproject.toml)"

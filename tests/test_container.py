@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from filelock import FileLock
 
 from conftest import ROOT, free_port, missing, run
 
@@ -57,7 +58,6 @@ def base_image():
     tar = CACHE / f"base-{k}.tar"
     if not tar.is_file():
         if not shutil.which("mmdebstrap"): missing("mmdebstrap is not installed (apt-get install mmdebstrap)")
-        CACHE.mkdir(parents=True, exist_ok=True)
         part = tar.with_suffix(".partial.tar")  # mmdebstrap writes the format the name's extension says
         res = subprocess.run([*BASE, part], capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -91,7 +91,9 @@ def image(exported_model, tmp_path_factory):
     if not shutil.which("podman"): missing("podman is not installed (apt-get install podman runc)")
     info = podman("info", check=False)
     if info.returncode != 0: missing(f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}")
-    base, wheels = base_image(), wheelhouse()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(CACHE / "build.lock"):  # another test run on this machine may be making the same cache entries
+        base, wheels = base_image(), wheelhouse()
     ctx = tmp_path_factory.mktemp("context")  # what .dockerignore lets through from the repository, and the wheels
     for f in ["Containerfile", ".dockerignore", "requirements-serve.txt", "pyproject.toml", "README.md"]:
         shutil.copy2(ROOT / f, ctx / f)
