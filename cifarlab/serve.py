@@ -7,28 +7,40 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from importlib.resources import files
 
 import numpy as np
 import uvicorn
 from fastapi import File, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from fastcore.script import Param
 from PIL import Image, ImageOps
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from .contract import RESIZE_FILTERS, open_model
 from .core import CifarlabError, first_line
 
+
 # %% auto #0
-__all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'PREDICT_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model', 'BadImage',
-           'to_rgb', 'open_image', 'image_to_input', 'UploadLimit', 'HeadAsGet', 'create_app', 'read_page', 'listen',
-           'app_from_env', 'serve_command']
+__all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'REQUEST_ID', 'LOG_FORMATS', 'ACCESS_LOG', 'LATENCY_BUCKETS',
+           'PREDICT_EXAMPLE', 'BATCH_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model', 'BadImage', 'to_rgb',
+           'open_image', 'image_to_input', 'Metrics', 'RequestLog', 'UploadLimit', 'HeadAsGet', 'create_app',
+           'read_page', 'listen', 'log_requests', 'app_from_env', 'serve_command']
 
 # %% ../nbs/06_serve.ipynb #c008
 FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}  # the contract's names: Pillow's
@@ -102,10 +114,90 @@ def image_to_input(data, model, max_pixels=MAX_PIXELS):
     except Exception as e: raise BadImage(400, f"cannot convert the image's pixel format ({img.mode}) to RGB: {e}") from None
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)[None]), info
 
+# %% ../nbs/06_serve.ipynb #c018t
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # what an incoming X-Request-ID may be; else a new one is made
+LOG_FORMATS = ["text", "json"]
+ACCESS_LOG = logging.getLogger("cifarlab.access")
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)  # seconds
+
+class Metrics:
+    "The service's Prometheus metrics, in a registry of the app's own; across worker processes with PROMETHEUS_MULTIPROC_DIR."
+    def __init__(self, model):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("cifarlab_requests", "HTTP requests answered, by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("cifarlab_request_duration_seconds", "time from a request's arrival to its answer's "
+                                 "last byte, by route template", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("cifarlab_inference_duration_seconds", "ONNX Runtime's time per inference call",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Histogram("cifarlab_images_per_inference", "images in one inference call",
+                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.upload = Histogram("cifarlab_upload_bytes", "request body sizes of the predict routes",
+                                buckets=(1e3, 1e4, 1e5, 1e6, 1e7, 1e8), registry=r)
+        self.in_flight = Gauge("cifarlab_requests_in_flight", "requests being answered now", registry=r,
+                               multiprocess_mode="livesum")
+        Gauge("cifarlab_model_info", "the model served (always 1): its file's sha256 and name", ["sha256", "file"],
+              registry=r, multiprocess_mode="max").labels(model.sha256, model.path.name).set(1)
+
+    def exposition(self):
+        "The metrics in Prometheus' text format: every worker's when they share PROMETHEUS_MULTIPROC_DIR, else this process's."
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"): return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+class RequestLog:
+    "ASGI middleware: the request ID (kept or made, echoed back), one access log line and the metrics of each HTTP request."
+    def __init__(self, app, metrics, log_format="text"): self.app, self.metrics, self.log_format = app, metrics, log_format
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        t0, m = time.perf_counter(), self.metrics
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        sizes, status = {"in": 0, "out": 0}, 500  # 500: what the client gets if the app fails before answering
+        async def counting_receive():
+            message = await receive()
+            sizes["in"] += len(message.get("body", b""))
+            return message
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body": sizes["out"] += len(message.get("body", b""))
+            await send(message)
+        m.in_flight.inc()
+        try: await self.app(scope, counting_receive, send_with_id)
+        finally:
+            m.in_flight.dec()
+            seconds = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", "unmatched")  # the template, so that IDs in a path are not labels
+            m.requests.labels(route, scope["method"], str(status)).inc()
+            m.latency.labels(route).observe(seconds)
+            if route.startswith("/predict"): m.upload.observe(sizes["in"])
+            self.log(scope, status, seconds, rid, sizes)
+
+    def log(self, scope, status, seconds, rid, sizes):
+        if not ACCESS_LOG.isEnabledFor(logging.INFO): return
+        client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+        if self.log_format == "json":
+            ACCESS_LOG.info(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "client": client, "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round(seconds * 1e3, 3), "request_id": rid, "bytes_in": sizes["in"], "bytes_out": sizes["out"]}))
+        else:
+            ACCESS_LOG.info(f'{client} "{scope["method"]} {scope["path"]}" {status} {seconds * 1e3:.1f} ms '
+                            f'in={sizes["in"]} out={sizes["out"]} id={rid}')
+
+
 # %% ../nbs/06_serve.ipynb #c019
 PREDICT_EXAMPLE = {"predictions": [{"class": "cat", "index": 3, "probability": 0.91},
                                    {"class": "dog", "index": 5, "probability": 0.06}],
                    "image": {"format": "PNG", "mode": "RGB", "width": 32, "height": 32}, "model": "3b2934b7e72c"}
+
+BATCH_EXAMPLE = {"results": [{"file": "cat.png", "image": PREDICT_EXAMPLE["image"], "predictions": PREDICT_EXAMPLE["predictions"]},
+                             {"file": "notes.txt", "status": 415, "detail": "the upload is not an image in a format the service reads (...)"}],
+                 "model": "3b2934b7e72c"}
 
 class UploadLimit:
     "ASGI middleware: a request body over `max_bytes` (declared or streamed) is answered 413, JSON `detail` naming the limit."
@@ -138,27 +230,76 @@ class HeadAsGet:
         if scope["type"] != "http" or scope["method"] != "HEAD": return await self.app(scope, receive, send)
         async def send_headers_only(message):
             await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
-        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+        inner = {**scope, "method": "GET"}
+        await self.app(inner, receive, send_headers_only)
+        if "route" in inner: scope["route"] = inner["route"]  # for RequestLog, outside: the route that answered
 
-def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS):
+def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, max_batch=64, log_format="text"):
     "The FastAPI application serving the model at `model_path`."
     model, html = Model(model_path), read_page()
-    slots = threading.BoundedSemaphore(os.cpu_count() or 1)
-    app = FastAPIOffline(title="cifarlab", version="1", static_url="/docs-assets", redoc_url=None,
+    metrics, slots = Metrics(model), threading.BoundedSemaphore(os.cpu_count() or 1)
+    warm = {"ready": False, "problem": None}
+
+    def warm_up():
+        # a first inference pays ONNX Runtime's one-time costs (memory planning, kernel choice) before any client does
+        try:
+            model.probabilities(np.zeros((1, 3, *model.size[::-1]), np.uint8))
+            warm["ready"] = True
+        except Exception as e: warm["problem"] = first_line(e)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # the probes answer meanwhile
+        yield
+
+    app = FastAPIOffline(title="cifarlab", version="1", static_url="/docs-assets", redoc_url=None, lifespan=lifespan,
                          swagger_ui_parameters={"validatorUrl": None},  # no calls to an online validator
                          description="CIFAR-10 classification with an exported cifarlab model. POST an image to "
-                         "/predict; GET /health describes the model. The schema is at [/openapi.json](openapi.json).")
-    app.state.model = model
+                         "/predict, or several to /predict/batch; GET /health describes the model; /livez, /readyz "
+                         "and /metrics are for operators. The schema is at [/openapi.json](openapi.json).")
+    app.state.model, app.state.metrics = model, metrics
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(RequestLog, metrics=metrics, log_format=log_format)
+
+    def infer(images):
+        "Probabilities for a uint8 batch, one inference call, timed for the metrics."
+        t0 = time.perf_counter()
+        p = model.probabilities(images)
+        metrics.inference.observe(time.perf_counter() - t0)
+        metrics.images.observe(len(images))
+        return p
+
+    def top(p, k):
+        order = np.argsort(-p, kind="stable")[:k]
+        return [{"class": model.classes[i], "index": int(i), "probability": float(p[i])} for i in order]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(): return html
 
     @app.get("/health")
     def health():
-        "Liveness, and the model's facts: classes, test accuracy, file sha256, input contract; and the upload limits."
-        return {"status": "ok", "model": model.facts(), "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}}
+        "The process is up, and the model's facts: classes, test accuracy, file sha256, input contract; and the upload limits."
+        return {"status": "ok", "model": model.facts(),
+                "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_batch": max_batch}}
+
+    @app.get("/livez", responses={200: {"content": {"application/json": {"example": {"status": "alive"}}}}})
+    def livez():
+        "Liveness: 200 while the process answers at all."
+        return {"status": "alive"}
+
+    @app.get("/readyz", responses={503: {"description": "the model has not answered its warm-up inference (yet)"}})
+    def readyz():
+        "Readiness: 200 once the model has answered a warm-up inference, 503 before (or if the warm-up failed)."
+        if warm["ready"]: return {"status": "ready", "model": model.sha256[:12]}
+        state = {"status": "failed", "detail": warm["problem"]} if warm["problem"] else {"status": "warming up"}
+        return JSONResponse(state, 503)
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus' text format"}})
+    def prometheus_metrics():
+        "The service's metrics in Prometheus' text format (every worker's under `--workers N`)."
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict", responses={
         200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}},
@@ -174,12 +315,34 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS):
         with slots:
             try: x, info = image_to_input(file.file.read(), model, max_pixels)
             except BadImage as e: raise HTTPException(e.status, str(e)) from None
-            p = model.probabilities(x)[0]
-        top = np.argsort(-p, kind="stable")[:k]
-        return {"predictions": [{"class": model.classes[i], "index": int(i), "probability": float(p[i])} for i in top],
-                "image": info, "model": model.sha256[:12]}
+            p = infer(x)[0]
+        return {"predictions": top(p, k), "image": info, "model": model.sha256[:12]}
+
+    @app.post("/predict/batch", responses={
+        200: {"content": {"application/json": {"example": BATCH_EXAMPLE}}},
+        413: {"description": f"the whole upload over {max_upload_bytes:,} bytes"},
+        422: {"description": f"no form field `files`, more than {max_batch} of them, or `k` out of range"}})
+    def predict_batch(files: list[UploadFile] = File(description=f"up to {max_batch} images, each its own `files` field"),
+                      k: int = Query(5, ge=1, le=len(model.classes), description="how many classes to return per image")):
+        """Classify several images in one inference call: one result per image, in the order sent, each as `/predict`
+        answers it; an image that cannot be read gets its own `status` and `detail` and the others are still answered."""
+        if len(files) > max_batch:
+            raise HTTPException(422, f"{len(files)} images in one request; the limit is {max_batch} (--max_batch)")
+        with slots:
+            results, inputs = [], []
+            for f in files:
+                try:
+                    x, info = image_to_input(f.file.read(), model, max_pixels)
+                    results.append({"file": f.filename, "image": info}); inputs.append(x)
+                except BadImage as e: results.append({"file": f.filename, "status": e.status, "detail": str(e)})
+            p = infer(np.concatenate(inputs)) if inputs else []
+        answered = iter(p)
+        for r in results:
+            if "image" in r: r["predictions"] = top(next(answered), k)
+        return {"results": results, "model": model.sha256[:12]}
 
     return app
+
 
 # %% ../nbs/06_serve.ipynb #c021
 PAGE = "static/index.html"  # the page served at /, relative to the package
@@ -207,9 +370,20 @@ def listen(host, port, backlog=2048):
         raise
     return sock
 
+def log_requests(log_level="info"):
+    "Send the access log (`RequestLog`'s lines) to standard output, one line a request, at uvicorn's `log_level`."
+    if not ACCESS_LOG.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ACCESS_LOG.addHandler(handler)
+        ACCESS_LOG.propagate = False
+    ACCESS_LOG.setLevel(log_level.upper())
+
 def app_from_env():
     "The application of one worker process of `cifarlab serve --workers N`: `create_app` with its parent's settings."
-    return create_app(**json.loads(os.environ[SETTINGS_ENV]))
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    log_requests(settings.pop("log_level"))
+    return create_app(**settings)
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
@@ -217,15 +391,21 @@ def serve_command(model:str="model.onnx", # ONNX file written by `cifarlab expor
                   host:str="127.0.0.1", # address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
                   port:int|None=None, # port; 0 picks a free one (default: $CIFARLAB_PORT, or 8000)
                   workers:int=1, # worker processes sharing the port, each with its own model session
-                  max_upload_mb:float=10, # largest upload accepted, in MiB
+                  max_upload_mb:float=10, # largest upload accepted, in MiB (a whole batch counts as one upload)
                   max_pixels:int=MAX_PIXELS, # largest image accepted, in pixels
+                  max_batch:int=64, # most images in one POST /predict/batch
                   log_level:Param("uvicorn's log level", str, choices=LOG_LEVELS)="info", # uvicorn's log level
+                  log_format:Param("access log lines: plain text, or one JSON object a line", str, choices=LOG_FORMATS)="text", # access log format
+                  grace_s:float=10, # on SIGTERM, how long requests in flight may take to finish before the service exits
                  ):
-    "Serve an exported model over HTTP: a page at /, GET /health, POST /predict (multipart field `file`), API docs at /docs."
-    if max_upload_mb <= 0 or max_pixels <= 0: raise CifarlabError("--max_upload_mb and --max_pixels must be positive")
+    "Serve an exported model over HTTP: a page at /, POST /predict and /predict/batch, GET /health, /livez, /readyz, /metrics; API docs at /docs."
+    if max_upload_mb <= 0 or max_pixels <= 0 or max_batch <= 0:
+        raise CifarlabError("--max_upload_mb, --max_pixels and --max_batch must be positive")
     if workers < 1: raise CifarlabError("--workers must be at least 1")
+    if grace_s < 0: raise CifarlabError("--grace_s must be 0 or more")
     port = int(os.environ.get("CIFARLAB_PORT", 8000)) if port is None else port
-    settings = {"model_path": model, "max_upload_bytes": int(max_upload_mb * 2**20), "max_pixels": max_pixels}
+    settings = {"model_path": model, "max_upload_bytes": int(max_upload_mb * 2**20), "max_pixels": max_pixels,
+                "max_batch": max_batch, "log_format": log_format}
     app = create_app(**settings)
     # bind here rather than in uvicorn: a taken port is then one clear line, and --port 0 picks one port for all workers
     try: sock = listen(host, port)
@@ -236,11 +416,22 @@ def serve_command(model:str="model.onnx", # ONNX file written by `cifarlab expor
     print(f"cifarlab serve: {model} ({len(m.classes)} classes, test accuracy "
           f"{'not measured' if acc is None else f'{acc:.4f}'}, sha256 {m.sha256[:12]}) on http://{host}:{port}/"
           + (f" with {workers} workers" if workers > 1 else ""), flush=True)
+    # uvicorn stops accepting on SIGTERM, lets the requests in flight finish (up to grace_s), then raises the signal
+    # again with the handler it found: this one does nothing, so the command returns and exits 0, a clean stop
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    options = dict(log_level=log_level, access_log=False, timeout_graceful_shutdown=grace_s)  # RequestLog logs requests
     if workers == 1:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
-    else:
-        del app  # each worker loads the model itself
-        os.environ[SETTINGS_ENV] = json.dumps(settings)
-        config = uvicorn.Config("cifarlab.serve:app_from_env", factory=True, workers=workers, log_level=log_level)
-        Multiprocess(config, sockets=[sock]).run()
+        log_requests(log_level)
+        uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+        return
+    del app  # each worker loads the model itself
+    # the workers' metrics meet in one folder (prometheus_client's multiprocess mode): a fresh one unless one is given
+    shared = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else tempfile.mkdtemp(prefix="cifarlab-metrics-")
+    if shared: os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+    os.environ[SETTINGS_ENV] = json.dumps({**settings, "log_level": log_level})
+    try:
+        Multiprocess(uvicorn.Config("cifarlab.serve:app_from_env", factory=True, workers=workers, **options),
+                     sockets=[sock]).run()
+    finally:
+        if shared: shutil.rmtree(shared, ignore_errors=True)
 

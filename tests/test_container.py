@@ -39,9 +39,9 @@ MAX_IMAGE_BYTES = 300 * 10**6
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
 
-def podman(*args, timeout=600, check=True):
+def podman(*args, timeout=600, check=True, env=None):
     cmd = ["podman", *(["--runtime", "runc"] if shutil.which("runc") else []), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check: assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
 
@@ -116,7 +116,7 @@ def image(exported_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def container(image):
-    "The image running on loopback (host network, a free port): (name, url, seconds until /health answered)."
+    "The image running on loopback (host network, a free port): (name, url, seconds until /readyz answered 200)."
     name, port = f"cifarlab-serve-test-{os.getpid()}", free_port()
     podman("run", "--detach", "--name", name, "--network", "host", *LIMITS, "--env", f"CIFARLAB_PORT={port}", image.tag)
     t0 = time.perf_counter()  # the container is running: from here on the clock is the service's start-up alone
@@ -124,11 +124,11 @@ def container(image):
     try:
         while True:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200: break
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200: break
             except httpx.TransportError: pass
             state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
             if state != "running" or time.perf_counter() - t0 > 60:
-                pytest.fail(f"the container is {state}, /health not answered: {podman('logs', name, check=False).stderr[-3000:]}")
+                pytest.fail(f"the container is {state}, /readyz not answered: {podman('logs', name, check=False).stderr[-3000:]}")
             time.sleep(0.05)
         yield SimpleNamespace(name=name, url=url, startup_s=time.perf_counter() - t0)
     finally:
@@ -190,11 +190,17 @@ def test_image_is_slim(image, record_property):
     assert image.size <= MAX_IMAGE_BYTES, f"{image.size / 1e6:.0f} MB"
 
 
-def test_container_answers_health_quickly(container, exported_model, record_property):
-    record_property("container /health", f"answered {container.startup_s:.2f} s after `podman run` returned")
+def test_container_is_ready_quickly_with_its_probes_and_metrics(container, exported_model, record_property):
+    record_property("container /readyz", f"answered 200 {container.startup_s:.2f} s after `podman run` returned")
+    sha = hashlib.sha256(exported_model[0].read_bytes()).hexdigest()
     h = httpx.get(container.url + "/health").json()
-    assert h["status"] == "ok" and h["model"]["sha256"] == hashlib.sha256(exported_model[0].read_bytes()).hexdigest()
-    assert container.startup_s <= 15  # no torch to import: 1.2 s in a clean-clone run on this 2-core machine
+    assert h["status"] == "ok" and h["model"]["sha256"] == sha
+    assert container.startup_s <= 15  # no torch to import: 0.7-1.2 s in clean-clone runs on this 2-core machine
+    assert httpx.get(container.url + "/livez").json() == {"status": "alive"}
+    assert httpx.get(container.url + "/readyz").json() == {"status": "ready", "model": sha[:12]}
+    metrics = httpx.get(container.url + "/metrics").text
+    assert f'cifarlab_model_info{{file="model.onnx",sha256="{sha}"}} 1.0' in metrics, metrics[-2000:]
+    assert 'cifarlab_requests_total{method="GET",route="/readyz",status="200"}' in metrics
     assert podman("healthcheck", "run", container.name, check=False).returncode == 0  # the image's HEALTHCHECK passes
 
 
@@ -218,3 +224,43 @@ def test_container_runs_as_non_root_without_torch(container):
     assert podman("exec", container.name, "id", "-u").stdout.strip() != "0"
     res = podman("exec", container.name, "python", "-c", "import torch", check=False)
     assert res.returncode != 0 and "No module named 'torch'" in res.stderr, res.stderr
+
+
+def test_kubernetes_manifest_plays_with_podman(image, right_image, tmp_path):
+    """deploy/kubernetes.yaml played by `podman kube play`: the test's image, one replica on the host network at a free
+    loopback port; its pod becomes ready, classifies a real test image, and is torn down."""
+    import yaml
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
+    deployment, service = (next(d for d in docs if d["kind"] == kind) for kind in ("Deployment", "Service"))
+    pod = deployment["spec"]["template"]["spec"]
+    serve = pod["containers"][0]
+    assert (serve["readinessProbe"]["httpGet"]["path"], serve["livenessProbe"]["httpGet"]["path"]) == ("/readyz", "/livez")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    port = free_port()
+    deployment["spec"]["replicas"] = 1  # one host, one port
+    pod["hostNetwork"] = True
+    serve.update(image=image.tag, env=[{"name": "CIFARLAB_PORT", "value": str(port)}])
+    del serve["ports"]  # on the host network nothing is mapped (podman refuses port mappings there)
+    for probe in ("readinessProbe", "livenessProbe"): serve[probe]["httpGet"]["port"] = port
+    manifest = tmp_path / "kubernetes.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    # kube play takes no --ulimit: the same limits as LIMITS, for the pod's containers and its infra container alike
+    conf = tmp_path / "containers.conf"
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
+    url = f"http://127.0.0.1:{port}"
+    try:
+        podman("kube", "play", manifest, env={**os.environ, "CONTAINERS_CONF": str(conf)})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200: break
+            except httpx.TransportError: pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the played pod never answered /readyz: {podman('pod', 'ps', check=False).stdout}")
+            time.sleep(0.1)
+        data, expected = right_image
+        r = httpx.post(url + "/predict", files={"file": ("cifar.png", data, "image/png")}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["class"] == expected, r.text
+    finally:
+        podman("kube", "down", manifest)
+    with pytest.raises(httpx.TransportError): httpx.get(url + "/livez", timeout=2)

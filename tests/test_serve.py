@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -330,8 +331,16 @@ def test_accepted_connections_have_tcp_nodelay(server):
     assert nodelay != 0
 
 
-def test_workers_share_the_port(exported_model, tmp_path):
-    proc, url, startup = start(exported_model[0], tmp_path, "--workers", "2")
+def metric(url, name, **labels):
+    "The value of one sample of the service's /metrics (None when it is absent)."
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(url + "/metrics", headers={"connection": "close"}).text
+    return next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == name and s.labels == labels), None)
+
+
+def test_workers_share_the_port_their_metrics_and_the_json_log(exported_model, tmp_path):
+    proc, url, startup = start(exported_model[0], tmp_path, "--workers", "2", "--log_format", "json")
     try:
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2, workers
@@ -340,11 +349,58 @@ def test_workers_share_the_port(exported_model, tmp_path):
         conn.close()
         assert nodelay != 0 and pid in {w.pid for w in workers}  # a worker holds the connection, not the parent
         assert "with 2 workers" in (tmp_path / "serve.log").read_text()
+        # each request on a new connection, so both workers answer some; whichever answers /metrics counts them all
+        for i in range(20): assert httpx.get(url + "/livez", headers={"x-request-id": f"probe-{i}"}).status_code == 200
+        served = {json.loads(line)["request_id"]: line for line in (tmp_path / "serve.log").read_text().splitlines()
+                  if line.startswith("{")}
+        assert {f"probe-{i}" for i in range(20)} <= served.keys(), list(served)[-5:]
+        counts = [metric(url, "cifarlab_requests_total", route="/livez", method="GET", status="200") for _ in range(6)]
+        assert counts == [20] * 6, counts
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        code = proc.wait(timeout=30)
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, alive  # stopping the service stops its workers
+    assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(exported_model, right_image, tmp_path, workers):
+    """Four uploads half sent when SIGTERM arrives: each is still answered 200 with its prediction, and the service
+    exits with status 0 within its grace period."""
+    proc, url, _ = start(exported_model[0], tmp_path, "--workers", str(workers), "--grace_s", "20")
+    port = int(url.rsplit(":", 1)[1])
+    data, expected = right_image
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="cat.png"\r\nContent-Type: image/png\r\n\r\n'
+            + data + b"\r\n--b--\r\n")
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    clients = []
+    try:
+        for _ in range(4):
+            c = socket.create_connection(("127.0.0.1", port), timeout=30)
+            c.sendall(head + body[:len(body) // 2])
+            clients.append(c)
+        deadline = time.monotonic() + 30  # until the service is answering all four (and this /metrics request)
+        while metric(url, "cifarlab_requests_in_flight") != 5:
+            assert time.monotonic() < deadline, metric(url, "cifarlab_requests_in_flight")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)  # the service is shutting down now, with four requests in flight
+        answers = []
+        for c in clients:
+            c.sendall(body[len(body) // 2:])
+            reply = b""
+            while chunk := c.recv(65536): reply += chunk  # the service closes the connection after answering
+            answers.append(reply)
+        for reply in answers:
+            status_line, _, rest = reply.partition(b"\r\n")
+            assert status_line == b"HTTP/1.1 200 OK", reply[:300]
+            assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["predictions"][0]["class"] == expected
+        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        for c in clients: c.close()
+        if proc.poll() is None: proc.kill(); proc.wait()
 
 
 @pytest.fixture
