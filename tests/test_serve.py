@@ -254,18 +254,26 @@ def test_openapi_docs(server):
 
 
 def test_load_small(exported_model, data_dir, tmp_path):
-    "bench/load.py at a small size, starting the service itself with 2 workers: no errors (the benchmark runs it at full size)."
+    """bench/load.py at a small size, starting the service itself with 2 workers, and beside it the service of this
+    checkout's HEAD as the baseline: no errors (the benchmark runs it at full size)."""
+    if not (ROOT / ".git").exists(): missing("a git checkout (for --baseline-rev HEAD)")
     out = tmp_path / "load.json"
     res = run([sys.executable, ROOT / "bench" / "load.py", "--model", exported_model[0], "--workers", "2", "--repeats", "1",
-               "--keepalive-requests", "50", "--clients", "4", "--requests", "200", "--images", "50",
-               "--data-dir", data_dir, "--out", out], timeout=300)
+               "--keepalive-requests", "50", "--clients", "4", "--requests", "200", "--images", "48", "--batch", "8",
+               "--batch-requests", "12", "--baseline-rev", "HEAD", "--data-dir", data_dir, "--out", out], timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     r = json.loads(out.read_text())
     assert r["errors"] == 0 and r["healthy_after"] and r["machine"]["cpu"] and list(r["workers"]) == ["2"]
-    run_ = r["workers"]["2"]["each_run"][0]
-    assert run_["keepalive"]["requests"] == 50 and run_["concurrent"]["requests"] == 200
-    s = r["workers"]["2"]["concurrent"]
-    assert 0 < s["p50_ms"] <= s["p99_ms"] and s["requests_per_second"] > 0
+    assert r["baseline"]["rev"] == "HEAD" and list(r["baseline"]["workers"]) == ["2"] and len(r["baseline"]["commit"]) == 40
+    for side in (r["workers"], r["baseline"]["workers"]):
+        run_ = side["2"]["each_run"][0]
+        assert run_["keepalive"]["requests"] == 50 and run_["concurrent"]["requests"] == 200
+        assert run_["batch"]["requests"] == 12 and run_["batch"]["images_per_request"] == 8
+        s, b = side["2"]["concurrent"], side["2"]["batch"]
+        assert 0 < s["p50_ms"] <= s["p99_ms"] and s["requests_per_second"] > 0 and b["images_per_second"] > 0
+        # every answer was checked: as many top-1 verdicts as images answered
+        assert 0 <= run_["batch"]["top1_accuracy_of_answers"] <= 1
+    assert not [line for line in run(["git", "worktree", "list"]).stdout.splitlines() if "cifarlab-baseline-" in line]
 
 
 @pytest.mark.parametrize("case", ["missing model", "not a model", "port in use"])
@@ -351,9 +359,12 @@ def test_workers_share_the_port_their_metrics_and_the_json_log(exported_model, t
         assert "with 2 workers" in (tmp_path / "serve.log").read_text()
         # each request on a new connection, so both workers answer some; whichever answers /metrics counts them all
         for i in range(20): assert httpx.get(url + "/livez", headers={"x-request-id": f"probe-{i}"}).status_code == 200
-        served = {json.loads(line)["request_id"]: line for line in (tmp_path / "serve.log").read_text().splitlines()
-                  if line.startswith("{")}
-        assert {f"probe-{i}" for i in range(20)} <= served.keys(), list(served)[-5:]
+        logged = lambda: {json.loads(line)["request_id"] for line in (tmp_path / "serve.log").read_text().splitlines()
+                          if line.startswith("{")}
+        deadline = time.monotonic() + 10  # a request's line is written once its answer has been sent
+        while not {f"probe-{i}" for i in range(20)} <= logged():
+            assert time.monotonic() < deadline, sorted(logged())
+            time.sleep(0.05)
         counts = [metric(url, "cifarlab_requests_total", route="/livez", method="GET", status="200") for _ in range(6)]
         assert counts == [20] * 6, counts
     finally:
