@@ -156,23 +156,28 @@ def inference(files):
 
 
 def load(files):
-    "bench/load.py: cifarlab serve under load on loopback."
+    "bench/load.py: cifarlab serve under load on loopback (and the service at an earlier revision, when measured beside it)."
     texts, tables = [], []
     for name, d in files:
-        rows = []
-        for n, w in d["workers"].items():
-            k, c = w["keepalive_1_client"], w["concurrent"]
-            rows.append([f"`--workers {n}`", p50_p99(k["p50_ms"], k["p99_ms"]), rate(c["requests_per_second"]),
-                         p50_p99(c["p50_ms"], c["p99_ms"]), w["errors"]])
+        rows, base = [], d.get("baseline")
+        sides = [("", d["workers"])] + ([(f" at `{base['rev']}`", base["workers"])] if base else [])
+        for label, side in sides:
+            for n, w in side.items():
+                k, c, b = w["keepalive_1_client"], w["concurrent"], w.get("batch")
+                rows.append([f"`--workers {n}`{label}", p50_p99(k["p50_ms"], k["p99_ms"]), rate(c["requests_per_second"]),
+                             p50_p99(c["p50_ms"], c["p99_ms"]), rate(b["images_per_second"]) if b else "no such route",
+                             w["errors"]])
         one = next(iter(d["workers"].values()))
-        m = d["model"]
+        m, b = d["model"], one.get("batch")
         texts.append(f"PNG test images posted to `/predict`, the service and the clients on one machine; medians of "
                      f"{one['runs']} runs; model `{m['file']}` ({m['sha256'][:12]}, test accuracy "
                      f"{pct(m['test_accuracy'])}); service healthy afterwards: {'yes' if d['healthy_after'] else 'no'}. "
-                     + where([(name, d)], [command(d, "load.py")]))
+                     + (f"Rows at `{base['rev']}` are the service as it was at that revision, run beside the current one "
+                        "(turn about). " if base else "") + where([(name, d)], [command(d, "load.py")]))
         clients = one["concurrent"]["clients"]
+        batch_head = f"{b['clients']} clients, {b['images_per_request']} images a request: images/s" if b else "batch: images/s"
         tables.append(table(["`cifarlab serve`", "1 keep-alive client: p50 / p99", f"{clients} clients: requests/s",
-                             f"{clients} clients: p50 / p99", "errors"], rows))
+                             f"{clients} clients: p50 / p99", f"`/predict/batch`, {batch_head}", "errors"], rows))
     return "Serving under load", " ".join(texts), "\n\n".join(tables)
 
 
