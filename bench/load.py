@@ -183,6 +183,9 @@ def has_batch_route(url):
 def summary(runs):
     "Medians over repeated runs of each phase, and their errors added up."
     med = lambda phase, f: float(np.median([f(r[phase]) for r in runs]))
+    def cpu(phase, per=1):  # the service's CPU time, measured only where this script started the service
+        values = [r[phase].get("service_cpu_ms_per_request") for r in runs]
+        return None if None in values else float(np.median(values)) / per
     out = {"runs": len(runs),
            "keepalive_1_client": {"p50_ms": med("keepalive", lambda p: p["latency_ms"]["p50"]),
                                   "p99_ms": med("keepalive", lambda p: p["latency_ms"]["p99"]),
@@ -190,23 +193,38 @@ def summary(runs):
            "concurrent": {"clients": runs[0]["concurrent"]["clients"],
                           "requests_per_second": med("concurrent", lambda p: p["requests_per_second"]),
                           "p50_ms": med("concurrent", lambda p: p["latency_ms"]["p50"]),
-                          "p99_ms": med("concurrent", lambda p: p["latency_ms"]["p99"])},
+                          "p99_ms": med("concurrent", lambda p: p["latency_ms"]["p99"]),
+                          "service_cpu_ms_per_request": cpu("concurrent")},
            "batch": None,
            "errors": sum(r[phase]["errors"] for r in runs for phase in ("keepalive", "concurrent", "batch") if r.get(phase)),
            "healthy_after": all(r["healthy_after"] for r in runs)}
     if runs[0].get("batch"):
         out["batch"] = {"clients": runs[0]["batch"]["clients"], "images_per_request": runs[0]["batch"]["images_per_request"],
                         "images_per_second": med("batch", lambda p: p["images_per_second"]),
+                        "service_cpu_ms_per_image": cpu("batch", runs[0]["batch"]["images_per_request"]),
                         "p50_ms": med("batch", lambda p: p["latency_ms"]["p50"]),
                         "p99_ms": med("batch", lambda p: p["latency_ms"]["p99"])}
     return out
 
 
-def one_run(url, singles, batches, args):
-    "The phases once against the service at `url` (the batch phase only where it has /predict/batch)."
-    run = {"keepalive": load_test(url, singles, 1, args.keepalive_requests),
-           "concurrent": load_test(url, singles, args.clients, args.requests)}
-    if batches: run["batch"] = load_test(url, batches, args.clients, args.batch_requests)
+def cpu_seconds(pid):
+    "User + system CPU seconds of process `pid` and its children (a service's workers): less noisy than wall time."
+    import psutil
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def one_run(url, singles, batches, args, pid=None):
+    """The phases once against the service at `url` (the batch phase only where it has /predict/batch); with the
+    service's `pid`, also its CPU time per request of each phase (warm-up requests included, so a slight overestimate)."""
+    run = {}
+    phases = [("keepalive", singles, 1, args.keepalive_requests), ("concurrent", singles, args.clients, args.requests)]
+    if batches: phases.append(("batch", batches, args.clients, args.batch_requests))
+    for name, bodies, clients, n in phases:
+        before = cpu_seconds(pid) if pid else None
+        run[name] = load_test(url, bodies, clients, n)
+        if pid: run[name]["service_cpu_ms_per_request"] = 1000 * (cpu_seconds(pid) - before) / run[name]["requests"]
     run["healthy_after"] = health(url)["status"] == "ok"
     return run
 
@@ -266,7 +284,8 @@ def main():
                 for i in range(args.repeats):
                     order = list(sides) if i % 2 == 0 else list(sides)[::-1]  # who goes first alternates
                     for side in order:
-                        runs[side].append(one_run(urls[side], singles, batches if batch_on[side] else [], args))
+                        pid = procs[side].pid if side in procs else None
+                        runs[side].append(one_run(urls[side], singles, batches if batch_on[side] else [], args, pid))
             finally:
                 for proc in procs.values(): stop_service(proc)
             for side in sides:

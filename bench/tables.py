@@ -164,9 +164,11 @@ def load(files):
         for label, side in sides:
             for n, w in side.items():
                 k, c, b = w["keepalive_1_client"], w["concurrent"], w.get("batch")
+                cpu = [f"{x:.2f} ms" if x is not None else "–" for x in
+                       (c.get("service_cpu_ms_per_request"), b and b.get("service_cpu_ms_per_image"))]
                 rows.append([f"`--workers {n}`{label}", p50_p99(k["p50_ms"], k["p99_ms"]), rate(c["requests_per_second"]),
                              p50_p99(c["p50_ms"], c["p99_ms"]), rate(b["images_per_second"]) if b else "no such route",
-                             w["errors"]])
+                             f"{cpu[0]} / {cpu[1]}", w["errors"]])
         one = next(iter(d["workers"].values()))
         m, b = d["model"], one.get("batch")
         texts.append(f"PNG test images posted to `/predict`, the service and the clients on one machine; medians of "
@@ -177,7 +179,8 @@ def load(files):
         clients = one["concurrent"]["clients"]
         batch_head = f"{b['clients']} clients, {b['images_per_request']} images a request: images/s" if b else "batch: images/s"
         tables.append(table(["`cifarlab serve`", "1 keep-alive client: p50 / p99", f"{clients} clients: requests/s",
-                             f"{clients} clients: p50 / p99", f"`/predict/batch`, {batch_head}", "errors"], rows))
+                             f"{clients} clients: p50 / p99", f"`/predict/batch`, {batch_head}",
+                             "service CPU: a request / a batched image", "errors"], rows))
     return "Serving under load", " ".join(texts), "\n\n".join(tables)
 
 
