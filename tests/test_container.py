@@ -34,7 +34,7 @@ EXPORT = ["uv", "export", "--only-group", "serve", "--no-emit-project", "--froze
 BASE = ["mmdebstrap", "--quiet", "--variant=essential", "--include=python3,python3-venv,ca-certificates,passwd,libstdc++6",
         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm"]
-MAX_IMAGE_BYTES = 300 * 10**6
+MAX_IMAGE_BYTES = 265 * 10**6  # 256 MB measured with the tests' small model: a regression shows
 # this machine's kernel: runc (crun fails on its cgroups) and these limits (higher ones are refused)
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
