@@ -397,7 +397,12 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(exported_model, ri
             assert time.monotonic() < deadline, metric(url, "cifarlab_requests_in_flight")
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(1)  # the service is shutting down now, with four requests in flight
+        deadline = time.monotonic() + 20
+        while True:  # until it takes no new request: it is shutting down, with the four still in flight
+            try: httpx.get(url + "/livez", timeout=0.5)
+            except httpx.TransportError: break
+            assert time.monotonic() < deadline, "still answering new requests 20 s after SIGTERM"
+            time.sleep(0.05)
         answers = []
         for c in clients:
             c.sendall(body[len(body) // 2:])
