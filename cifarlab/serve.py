@@ -37,7 +37,7 @@ from .core import CifarlabError, first_line
 
 
 # %% auto #0
-__all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'REQUEST_ID', 'LOG_FORMATS', 'ACCESS_LOG', 'LATENCY_BUCKETS',
+__all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'REQUEST_ID', 'LOG_FORMATS', 'ACCESS_LOG', 'LATENCY_BUCKETS', 'METHODS',
            'PREDICT_EXAMPLE', 'BATCH_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model', 'BadImage', 'to_rgb',
            'open_image', 'image_to_input', 'Metrics', 'RequestLog', 'UploadLimit', 'HeadAsGet', 'create_app',
            'read_page', 'listen', 'log_requests', 'app_from_env', 'serve_command']
@@ -119,6 +119,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # what an incoming X-Req
 LOG_FORMATS = ["text", "json"]
 ACCESS_LOG = logging.getLogger("cifarlab.access")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)  # seconds
+# a label takes only these methods (others count as "other"), so clients cannot make up new time series
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 class Metrics:
     "The service's Prometheus metrics, in a registry of the app's own; across worker processes with PROMETHEUS_MULTIPROC_DIR."
@@ -173,7 +175,8 @@ class RequestLog:
             m.in_flight.dec()
             seconds = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, so that IDs in a path are not labels
-            m.requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            m.requests.labels(route, method, str(status)).inc()
             m.latency.labels(route).observe(seconds)
             if route.startswith("/predict"): m.upload.observe(sizes["in"])
             self.log(scope, status, seconds, rid, sizes)
@@ -181,12 +184,13 @@ class RequestLog:
     def log(self, scope, status, seconds, rid, sizes):
         if not ACCESS_LOG.isEnabledFor(logging.INFO): return
         client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+        path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]  # as sent: %0A stays %0A, not a line break
         if self.log_format == "json":
             ACCESS_LOG.info(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "client": client, "method": scope["method"], "path": scope["path"], "status": status,
+                "client": client, "method": scope["method"], "path": path, "status": status,
                 "duration_ms": round(seconds * 1e3, 3), "request_id": rid, "bytes_in": sizes["in"], "bytes_out": sizes["out"]}))
         else:
-            ACCESS_LOG.info(f'{client} "{scope["method"]} {scope["path"]}" {status} {seconds * 1e3:.1f} ms '
+            ACCESS_LOG.info(f'{client} "{scope["method"]} {path}" {status} {seconds * 1e3:.1f} ms '
                             f'in={sizes["in"]} out={sizes["out"]} id={rid}')
 
 
