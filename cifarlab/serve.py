@@ -20,6 +20,7 @@ import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import uvicorn
@@ -38,8 +39,8 @@ from .core import CifarlabError, first_line
 # %% auto #0
 __all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'REQUEST_ID', 'LOG_FORMATS', 'ACCESS_LOG', 'LATENCY_BUCKETS', 'METHODS',
            'PREDICT_EXAMPLE', 'BATCH_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model', 'BadImage', 'to_rgb',
-           'open_image', 'image_to_input', 'Metrics', 'RequestLog', 'UploadLimit', 'HeadAsGet', 'create_app',
-           'read_page', 'listen', 'log_requests', 'app_from_env', 'serve_command']
+           'open_image', 'image_to_input', 'Metrics', 'forget_dead_workers', 'RequestLog', 'UploadLimit', 'HeadAsGet',
+           'create_app', 'read_page', 'listen', 'log_requests', 'app_from_env', 'serve_command']
 
 # %% ../nbs/06_serve.ipynb #c008
 FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}  # the contract's names: Pillow's
@@ -148,6 +149,18 @@ class Metrics:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
 
+def forget_dead_workers(folder=None):
+    """In prometheus_client's multiprocess mode, drop the live gauges (requests in flight) of worker processes that are
+    gone: a worker killed mid-request would otherwise count as in flight for good. Each worker does it as it starts,
+    the one uvicorn starts in place of a dead worker included."""
+    folder = folder or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder: return
+    for f in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(f.stem.rsplit("_", 1)[1])
+        try: os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError: multiprocess.mark_process_dead(pid, folder)
+        except PermissionError: pass  # it exists, under another user
+
 class RequestLog:
     "ASGI middleware: the request ID (kept or made, echoed back), one access log line and the metrics of each HTTP request."
     def __init__(self, app, metrics, log_format="text"): self.app, self.metrics, self.log_format = app, metrics, log_format
@@ -253,6 +266,7 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, m
 
     @asynccontextmanager
     async def lifespan(app):
+        forget_dead_workers()
         threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # the probes answer meanwhile
         yield
 

@@ -375,6 +375,42 @@ def test_workers_share_the_port_their_metrics_and_the_json_log(exported_model, t
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
 
 
+def test_a_killed_workers_request_in_flight_is_dropped_by_its_replacement(exported_model, tmp_path):
+    """--workers 2: a worker killed (SIGKILL) while it holds a request leaves that request counted as in flight until
+    uvicorn's replacement worker starts and drops it; the requests it had answered stay counted."""
+    proc, url, _ = start(exported_model[0], tmp_path, "--workers", "2")
+    try:
+        for _ in range(6): assert httpx.get(url + "/livez", headers={"connection": "close"}).status_code == 200
+        def workers():
+            alive = set()
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()): alive.add(p.pid)
+                except psutil.Error: pass  # gone, or dead and not yet reaped
+            return alive
+        before = workers()
+        held = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+        held.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 1000\r\n\r\n--b\r\n")  # a body that never comes: in flight until killed
+        deadline = time.monotonic() + 30
+        while metric(url, "cifarlab_requests_in_flight") != 2:  # it, and the /metrics request asking
+            assert time.monotonic() < deadline, metric(url, "cifarlab_requests_in_flight")
+            time.sleep(0.05)
+        _, holder = server_side_nodelay(sorted(before), held)
+        os.kill(holder, signal.SIGKILL)
+        while not (len(workers()) == 2 and holder not in workers()):  # uvicorn replaces the dead worker
+            assert time.monotonic() < deadline + 30, workers()
+            time.sleep(0.1)
+        while metric(url, "cifarlab_requests_in_flight") != 1:  # only the asking request, once the replacement starts
+            assert time.monotonic() < deadline + 60, metric(url, "cifarlab_requests_in_flight")
+            time.sleep(0.1)
+        assert metric(url, "cifarlab_requests_total", route="/livez", method="GET", status="200") == 6  # nothing lost
+        held.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(exported_model, right_image, tmp_path, workers):
     """Four uploads half sent when SIGTERM arrives: each is still answered 200 with its prediction, and the service
