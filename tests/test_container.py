@@ -7,6 +7,7 @@ export, what `cifarlab serve` imports is in it, and the wheel the image installs
 The Debian base tarball and the wheelhouse are kept between runs under ~/.cache/cifarlab-test, keyed by what they are
 made from (the mmdebstrap command; requirements-serve.txt), so a rerun builds only the image."""
 import hashlib
+import json
 import os
 import platform
 import re
@@ -246,7 +247,7 @@ def test_kubernetes_manifest_plays_with_podman(image, right_image, tmp_path):
     manifest.write_text(yaml.safe_dump_all(docs))
     # kube play takes no --ulimit: the same limits as LIMITS, for the pod's containers and its infra container alike
     conf = tmp_path / "containers.conf"
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
+    conf.write_text(f"[containers]\ndefault_ulimits = {json.dumps(LIMITS[1::2])}\n")  # a TOML list of strings
     url = f"http://127.0.0.1:{port}"
     try:
         podman("kube", "play", manifest, env={**os.environ, "CONTAINERS_CONF": str(conf)})

@@ -347,10 +347,20 @@ def metric(url, name, **labels):
                  if s.name == name and s.labels == labels), None)
 
 
+def worker_pids(proc):
+    "The pids of `cifarlab serve --workers N`'s live worker processes (spawned by multiprocessing; not the dead, unreaped)."
+    alive = set()
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()): alive.add(p.pid)
+        except psutil.Error: pass  # gone, or dead and not yet reaped
+    return alive
+
+
 def test_workers_share_the_port_their_metrics_and_the_json_log(exported_model, tmp_path):
     proc, url, startup = start(exported_model[0], tmp_path, "--workers", "2", "--log_format", "json")
     try:
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        workers = [psutil.Process(pid) for pid in worker_pids(proc)]
         assert len(workers) == 2, workers
         conn = keepalive_connection(url)
         nodelay, pid = server_side_nodelay([w.pid for w in workers], conn.sock)
@@ -381,14 +391,7 @@ def test_a_killed_workers_request_in_flight_is_dropped_by_its_replacement(export
     proc, url, _ = start(exported_model[0], tmp_path, "--workers", "2")
     try:
         for _ in range(6): assert httpx.get(url + "/livez", headers={"connection": "close"}).status_code == 200
-        def workers():
-            alive = set()
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()): alive.add(p.pid)
-                except psutil.Error: pass  # gone, or dead and not yet reaped
-            return alive
-        before = workers()
+        before = worker_pids(proc)
         held = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
         held.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                      b"Content-Length: 1000\r\n\r\n--b\r\n")  # a body that never comes: in flight until killed
@@ -398,8 +401,8 @@ def test_a_killed_workers_request_in_flight_is_dropped_by_its_replacement(export
             time.sleep(0.05)
         _, holder = server_side_nodelay(sorted(before), held)
         os.kill(holder, signal.SIGKILL)
-        while not (len(workers()) == 2 and holder not in workers()):  # uvicorn replaces the dead worker
-            assert time.monotonic() < deadline + 30, workers()
+        while not (len(worker_pids(proc)) == 2 and holder not in worker_pids(proc)):  # uvicorn replaces the dead worker
+            assert time.monotonic() < deadline + 30, worker_pids(proc)
             time.sleep(0.1)
         while metric(url, "cifarlab_requests_in_flight") != 1:  # only the asking request, once the replacement starts
             assert time.monotonic() < deadline + 60, metric(url, "cifarlab_requests_in_flight")
