@@ -38,21 +38,27 @@ def make_contract(classes, # the class names, in the order of the logits
                   size=(32, 32), # the input's (height, width)
                   resize_filter:str="bicubic", # Pillow filter that resizes an image to `size`
                   background=(255, 255, 255), # RGB colour that transparent pixels are composited onto
+                  calibration:dict|None=None, # `calibrate_run`'s result: the temperature in the graph and the threshold
                  )->dict:
     "The contract of an exported model: what its graph computes, what a consumer does first, and facts about the model."
     h, w = size
+    cal = calibration or {"temperature": 1.0, "fitted_on": None, "confidence": None}
     return check_contract({
         "format": FORMAT,
         "input": {"name": INPUT, "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "height": h, "width": w,
                   "value_range": [0, 255], "batch": "dynamic"},
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(classes)],
-                   "meaning": "logits; softmax gives class probabilities"},
+                   "meaning": "logits divided by calibration.temperature; softmax gives calibrated class probabilities"},
         "normalisation": {"in_graph": True, "formula": "(image / 255 - mean) / std, per channel", "setting": normalize,
                           "mean": list(mean), "std": list(std)},
         "test_time_augmentation": {"in_graph": True, "tta": tta},
         "resize": {"crop": "center", "filter": resize_filter,
                    "rule": f"crop the centre to the input's aspect ratio, then resize to {w}x{h}"},
         "alpha": {"background": list(background), "rule": "transparent pixels are composited onto background"},
+        "calibration": {"in_graph": True, "method": "temperature scaling", "temperature": cal["temperature"],
+                        "fitted_on": cal["fitted_on"], "validation": cal.get("validation")},
+        # an answer is `confident` when its top calibrated probability is at least `threshold` (None: no threshold)
+        "confidence": cal["confidence"],
         "classes": list(classes),
         "test_accuracy": test_accuracy, "test_images": test_images,
         "source": source or {},
@@ -81,6 +87,11 @@ def check_contract(c, # a contract, as `make_contract` returns it or as read bac
         need(isinstance(classes, list) and len(classes) > 0 and all(isinstance(n, str) for n in classes),
              "gives no list of class names")
         need(isinstance(inp["name"], str) and isinstance(c["output"]["name"], str), "gives no input and output names")
+        t = c.get("calibration", {}).get("temperature", 1.0)  # absent from models exported before calibration: 1
+        need(type(t) in (int, float) and 0 < t < float("inf"), f"gives temperature {t!r}, not a positive number")
+        if c.get("confidence") is not None:
+            th = c["confidence"]["threshold"]
+            need(type(th) in (int, float) and 0 <= th <= 1, f"gives confidence threshold {th!r}, not a number 0-1")
     except KeyError as e: raise ContractError(f"{what} has no {e} entry: {fix}.") from None
     except TypeError as e: raise ContractError(f"{what} is malformed ({first_line(e)}): {fix}.") from None
     return c

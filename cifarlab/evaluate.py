@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .core import CifarlabError, first_line
@@ -54,18 +55,23 @@ def load_run(checkpoint, # a checkpoint written by `cifarlab fit`
 
 # %% ../nbs/04a_evaluate.ipynb #c014
 @torch.inference_mode()
-def predict_logits(model, dm, limit=None):
-    "Logits (N×10, float32) of `model` on the first `limit` images (default: all) of `dm`'s test split, and their labels."
+def predict_logits(model, dm, limit=None,
+                   split="test", # "test", or "val": the validation split (for calibration, which must not see the test split)
+                  ):
+    "Logits (N×10, float32) of `model` on the first `limit` images (default: all) of `dm`'s `split`, and their labels."
+    batches = {"test": dm.test_dataloader, "val": dm.val_dataloader}[split]()
     logits, labels = [], []
-    for x, y in dm.test_dataloader():
+    for x, y in batches:
         if limit is not None and sum(map(len, labels)) >= limit: break
         logits.append(model.predict_step((x, y)).float()); labels.append(y)
+    if not labels: return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, np.int64)  # a run without a validation split
     return torch.cat(logits)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
 
 def predict_test_split(checkpoint, data_dir=None, limit=None):
     "Softmax probabilities (N×10) and labels (N) of the checkpoint's model on the first `limit` test images (default: all)."
     logits, labels = predict_logits(*load_run(checkpoint, data_dir), limit=limit)
     return torch.from_numpy(logits).softmax(1).numpy(), labels
+
 
 # %% ../nbs/04a_evaluate.ipynb #c017
 def confusion_matrix(preds, # the predicted class of each image

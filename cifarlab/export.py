@@ -15,6 +15,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from .calibration import calibrate_run, softmax
 from .contract import INPUT, OUTPUT, make_contract, open_model, write_contract
 from .core import CifarlabError, atomic_path, first_line, write_json
 from .data import CLASSES, normalization
@@ -46,15 +47,16 @@ def checkpoint_facts(path):
 
 # %% ../nbs/05_onnx.ipynb #c011
 class Deployable(nn.Module):
-    "uint8 RGB images N×3×H×W (0–255) -> logits: the data module's normalisation, then `model`'s test-time path."
-    def __init__(self, model, mean, std):
+    "uint8 RGB images N×3×H×W (0–255) -> logits / `temperature`: the data module's normalisation, then `model`'s test-time path."
+    def __init__(self, model, mean, std, temperature=1.0):
         super().__init__()
         self.model = model
         scale, shift = normalization(mean, std)
         self.register_buffer("scale", scale); self.register_buffer("shift", shift)
+        self.register_buffer("inv_temperature", torch.tensor(1 / temperature))
 
     def forward(self, image):
-        return self.model.predict_step((torch.addcmul(self.shift, image.float(), self.scale),))
+        return self.model.predict_step((torch.addcmul(self.shift, image.float(), self.scale),)) * self.inv_temperature
 
 # %% ../nbs/05_onnx.ipynb #c015
 class _DropTorchvisionNotes(logging.Filter):
@@ -64,9 +66,9 @@ class _DropTorchvisionNotes(logging.Filter):
 logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropTorchvisionNotes())
 
 def export_onnx(model, path, mean, std, contract, opset=OPSET):
-    "Write `model` with its normalisation to ONNX at `path` (atomically), `contract` in its metadata. Returns `contract`."
+    "Write `model` with its normalisation and the contract's temperature to ONNX at `path` (atomically), `contract` in its metadata. Returns `contract`."
     write_contract(onnx.ModelProto(), contract)  # checked on an empty model first: the export itself takes seconds
-    module = Deployable(model.cpu().eval(), mean, std).eval()
+    module = Deployable(model.cpu().eval(), mean, std, contract["calibration"]["temperature"]).eval()
     example = torch.zeros(2, 3, contract["input"]["height"], contract["input"]["width"], dtype=torch.uint8)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)
     try:
@@ -92,9 +94,11 @@ def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=O
         facts = checkpoint_facts(ckpt)
         log(f"rebuilding the run in {ckpt}")
         model, dm = load_run(ckpt, data_dir)
+        log(f"fitting the temperature and the confidence threshold on the {len(dm.splits['val'][1])} validation images")
+        cal = calibrate_run(model, dm)
         log(f"measuring its test accuracy on {min(limit or 10_000, len(dm.splits['test'][1]))} test images")
         logits, labels = predict_logits(model, dm, limit)
-        c = make_contract(CLASSES, dm.mean, dm.std, facts["normalize"], facts["tta"],
+        c = make_contract(CLASSES, dm.mean, dm.std, facts["normalize"], facts["tta"], calibration=cal,
                           test_accuracy=float((logits.argmax(1) == labels).mean()), test_images=len(labels), source=facts)
         log(f"exporting the graph (ONNX opset {opset}) with the contract in its metadata")
         return export_onnx(model, tmp, dm.mean, dm.std, c, opset=opset)
@@ -123,12 +127,20 @@ def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=
     singles = np.concatenate([ort_logits(m.session, x[i:i + 1]) for i in range(min(4, len(x)))])
     log(f"running the checkpoint with PyTorch on the same images")
     t0 = time.perf_counter(); ref, y = predict_logits(model, dm, limit); t_torch = time.perf_counter() - t0
+    t = c["calibration"]["temperature"]
+    ref = ref / np.float32(t)  # the graph divides by the contract's temperature: the PyTorch side does it here
     diff = float(max(np.abs(got - ref).max(), np.abs(singles - ref[:len(singles)]).max()))
     acc_ort, acc_torch = float((got.argmax(1) == y).mean()), float((ref.argmax(1) == y).mean())
     checks = {"logits": diff <= atol, "accuracy": abs(acc_ort - acc_torch) <= acc_tol}
+    if c["calibration"]["fitted_on"]:  # the temperature is the one the validation split gives the checkpoint
+        log("fitting the temperature again on the validation split")
+        refit = calibrate_run(model, dm)["temperature"]
+        checks["temperature"] = abs(refit - t) <= 1e-4 * t
     if c.get("test_images") == len(y) and c.get("test_accuracy") is not None:
         checks["recorded_accuracy"] = abs(acc_ort - c["test_accuracy"]) <= acc_tol
     return {"model": str(model_path), "checkpoint": str(ckpt), "images": len(y), "max_abs_logit_diff": diff,
+            "max_abs_probability_diff": float(np.abs(softmax(got) - softmax(ref)).max()), "temperature": t,
+            "refitted_temperature": refit if "temperature" in checks else None,
             "onnx_accuracy": acc_ort, "torch_accuracy": acc_torch, "recorded_accuracy": c.get("test_accuracy"),
             "recorded_images": c.get("test_images"), "agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
             "tolerances": {"atol": atol, "acc_tol": acc_tol}, "checks": checks, "passed": all(checks.values()),
@@ -158,7 +170,10 @@ def format_verify_report(r):
              f"  PyTorch accuracy        {r['torch_accuracy']:.4f}  ({r['seconds']['torch']:.1f} s)",
              f"  ONNX Runtime accuracy   {r['onnx_accuracy']:.4f}  ({r['seconds']['onnxruntime']:.1f} s; "
              f"difference within {t['acc_tol']:g})  {ok('accuracy')}",
-             f"  same top-1 class        {r['agreement']:.2%} of images"]
+             f"  same top-1 class        {r['agreement']:.2%} of images",
+             f"  calibrated probabilities differ by at most {r['max_abs_probability_diff']:.2g} (temperature {r['temperature']:.4f})"]
+    if "temperature" in r["checks"]:
+        lines.append(f"  temperature refitted on the validation split  {r['refitted_temperature']:.4f}  {ok('temperature')}")
     if "recorded_accuracy" in r["checks"]:
         lines.append(f"  recorded at export      {r['recorded_accuracy']:.4f}  {ok('recorded_accuracy')}")
     lines.append("verify: " + ("passed" if r["passed"] else "FAILED"))
