@@ -38,9 +38,11 @@ from .core import CifarlabError, first_line
 
 # %% auto #0
 __all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'REQUEST_ID', 'LOG_FORMATS', 'ACCESS_LOG', 'LATENCY_BUCKETS', 'METHODS',
-           'PREDICT_EXAMPLE', 'BATCH_EXAMPLE', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model', 'BadImage', 'to_rgb',
-           'open_image', 'image_to_input', 'Metrics', 'forget_dead_workers', 'RequestLog', 'UploadLimit', 'HeadAsGet',
-           'create_app', 'read_page', 'listen', 'log_requests', 'app_from_env', 'serve_command']
+           'PREDICT_EXAMPLE', 'BATCH_EXAMPLE', 'CONFIDENT_SCHEMA', 'PREDICTIONS_SCHEMA', 'IMAGE_SCHEMA',
+           'MODEL_ID_SCHEMA', 'PREDICT_SCHEMA', 'BATCH_SCHEMA', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model',
+           'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'Metrics', 'forget_dead_workers', 'RequestLog',
+           'UploadLimit', 'HeadAsGet', 'create_app', 'read_page', 'listen', 'log_requests', 'app_from_env',
+           'serve_command']
 
 # %% ../nbs/06_serve.ipynb #c008
 FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}  # the contract's names: Pillow's
@@ -54,13 +56,18 @@ class Model:
         self.size, self.filter = (inp["width"], inp["height"]), FILTERS[c["resize"]["filter"]]
         self.background, self.classes = tuple(c["alpha"]["background"]), c["classes"]
         self.input, self.output = inp["name"], c["output"]["name"]
+        # an answer is confident when its top probability is at least this (None: the contract has no threshold)
+        self.threshold = (c.get("confidence") or {}).get("threshold")
 
     def facts(self):
         "What /health says about the model."
         c = self.contract
+        cal, conf = c.get("calibration"), c.get("confidence")  # both absent from contracts older than calibration
         return {"file": self.path.name, "sha256": self.sha256, "classes": self.classes,
                 "test_accuracy": c.get("test_accuracy"), "test_images": c.get("test_images"), "input": c["input"],
                 "normalisation": c.get("normalisation"), "resize": c["resize"].get("rule"), "alpha": c["alpha"].get("rule"),
+                "calibration": cal and {k: cal.get(k) for k in ("temperature", "fitted_on")},
+                "confidence": conf and {k: conf.get(k) for k in ("threshold", "target_accuracy", "coverage", "accuracy")},
                 "source": {k: c.get("source", {}).get(k) for k in ("net", "epoch", "global_step", "sha256")}}
 
     def probabilities(self, images):
@@ -210,11 +217,47 @@ class RequestLog:
 # %% ../nbs/06_serve.ipynb #c019
 PREDICT_EXAMPLE = {"predictions": [{"class": "cat", "index": 3, "probability": 0.91},
                                    {"class": "dog", "index": 5, "probability": 0.06}],
+                   "confident": True,
                    "image": {"format": "PNG", "mode": "RGB", "width": 32, "height": 32}, "model": "3b2934b7e72c"}
 
-BATCH_EXAMPLE = {"results": [{"file": "cat.png", "image": PREDICT_EXAMPLE["image"], "predictions": PREDICT_EXAMPLE["predictions"]},
+BATCH_EXAMPLE = {"results": [{"file": "cat.png", "image": PREDICT_EXAMPLE["image"], "predictions": PREDICT_EXAMPLE["predictions"],
+                              "confident": True},
+                             {"file": "noise.png", "image": PREDICT_EXAMPLE["image"], "confident": False,
+                              "predictions": [{"class": "frog", "index": 6, "probability": 0.41},
+                                              {"class": "cat", "index": 3, "probability": 0.3}]},
                              {"file": "notes.txt", "status": 415, "detail": "the upload is not an image in a format the service reads (...)"}],
                  "model": "3b2934b7e72c"}
+
+# The 200 answers' JSON Schema, for /openapi.json: written out rather than made from pydantic models, which would
+# validate and serialise every answer again (a cost per request the service does not pay)
+CONFIDENT_SCHEMA = {"type": ["boolean", "null"], "description":
+    "Whether the model is sure of its top class: true when the top probability is at least the model's confidence "
+    "threshold, false when it is below (then the predictions are best guesses; say \"not sure\"), null when the model "
+    "has no threshold. The threshold is in the model file's contract (`confidence.threshold`, shown by /health): "
+    "`cifarlab export` chose it on the validation split, as the lowest top probability at which the answers at or above "
+    "it were 99% accurate there (`confidence.target_accuracy`). A model exported without a validation split has none."}
+PREDICTIONS_SCHEMA = {"type": "array", "description": "the `k` most likely classes, most likely first", "items": {
+    "type": "object", "required": ["class", "index", "probability"], "properties": {
+        "class": {"type": "string", "description": "the class's name"},
+        "index": {"type": "integer", "description": "its index in the model's classes (/health), the logits' order"},
+        "probability": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "its probability: the softmax of the model's calibrated logits"}}}}
+IMAGE_SCHEMA = {"type": "object", "description": "the upload as its file declared it, before preprocessing", "properties": {
+    "format": {"type": "string", "description": "Pillow's name of the file format (PNG, JPEG, ...)"},
+    "mode": {"type": "string", "description": "Pillow's pixel format of the file (RGB, L, RGBA, I;16, ...)"},
+    "width": {"type": "integer"}, "height": {"type": "integer"}}}
+MODEL_ID_SCHEMA = {"type": "string", "description": "the model file's sha256, its first 12 hex digits"}
+PREDICT_SCHEMA = {"type": "object", "required": ["predictions", "confident", "image", "model"], "properties": {
+    "predictions": PREDICTIONS_SCHEMA, "confident": CONFIDENT_SCHEMA, "image": IMAGE_SCHEMA, "model": MODEL_ID_SCHEMA}}
+BATCH_SCHEMA = {"type": "object", "required": ["results", "model"], "properties": {
+    "results": {"type": "array", "description": "one result per image, in the order sent", "items": {
+        "type": "object", "required": ["file"], "description": "an image answered as /predict answers it (`image`, "
+        "`predictions`, `confident`), or one that could not be read (`status`, `detail`)", "properties": {
+            "file": {"type": ["string", "null"], "description": "the file name the upload gave"},
+            "image": IMAGE_SCHEMA, "predictions": PREDICTIONS_SCHEMA, "confident": CONFIDENT_SCHEMA,
+            "status": {"type": "integer", "description": "the HTTP status /predict would answer this image"},
+            "detail": {"type": "string", "description": "what was wrong with it"}}}},
+    "model": MODEL_ID_SCHEMA}}
 
 class UploadLimit:
     "ASGI middleware: a request body over `max_bytes` (declared or streamed) is answered 413, JSON `detail` naming the limit."
@@ -293,12 +336,18 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, m
         return [{"class": model.classes[i], "index": i, "probability": p[i]}
                 for i in sorted(range(len(p)), key=p.__getitem__, reverse=True)[:k]]
 
+    threshold = model.threshold
+    def confident(predictions):
+        "The answer's `confident`, from its top probability (always among the `k` returned: k >= 1)."
+        return None if threshold is None else predictions[0]["probability"] >= threshold
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(): return html
 
     @app.get("/health")
     def health():
-        "The process is up, and the model's facts: classes, test accuracy, file sha256, input contract; and the upload limits."
+        """The process is up, and the model's facts: classes, test accuracy, file sha256, input contract, calibration
+        (temperature) and confidence threshold (with its accuracy and coverage on the validation split); and the upload limits."""
         return {"status": "ok", "model": model.facts(),
                 "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_batch": max_batch}}
 
@@ -321,24 +370,28 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, m
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict", responses={
-        200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}},
+        200: {"description": "the `k` most likely classes, and whether the model is sure of the first",
+              "content": {"application/json": {"schema": PREDICT_SCHEMA, "example": PREDICT_EXAMPLE}}},
         400: {"description": "empty, truncated or corrupt image, or a malformed multipart body"},
         413: {"description": f"upload over {max_upload_bytes:,} bytes, or an image over {max_pixels:,} pixels"},
         415: {"description": "not an image in a format the service reads"},
         422: {"description": "no form field `file`, or `k` out of range"}})
     def predict(file: UploadFile = File(description="an image (PNG, JPEG, GIF, BMP, TIFF, WebP, ...), any size"),
                 k: int = Query(5, ge=1, le=len(model.classes), description="how many classes to return")):
-        """Classify one image: the `k` most likely classes with their probabilities, most likely first.
+        """Classify one image: the `k` most likely classes with their probabilities, most likely first, and
+        `confident`: whether the top probability reaches the model's confidence threshold (null: the model has none).
         The image is converted to RGB (16-bit scaled, transparency onto white), its centre cropped to a square
         and resized to the model's input size; the model normalises it."""
         with slots:
             try: x, info = image_to_input(file.file.read(), model, max_pixels)
             except BadImage as e: raise HTTPException(e.status, str(e)) from None
             p = infer(x)[0]
-        return {"predictions": top(p, k), "image": info, "model": model.sha256[:12]}
+        predictions = top(p, k)
+        return {"predictions": predictions, "confident": confident(predictions), "image": info, "model": model.sha256[:12]}
 
     @app.post("/predict/batch", responses={
-        200: {"content": {"application/json": {"example": BATCH_EXAMPLE}}},
+        200: {"description": "one result per image, in the order sent",
+              "content": {"application/json": {"schema": BATCH_SCHEMA, "example": BATCH_EXAMPLE}}},
         413: {"description": f"the whole upload over {max_upload_bytes:,} bytes"},
         422: {"description": f"no form field `files`, more than {max_batch} of them, or `k` out of range"}})
     def predict_batch(files: list[UploadFile] = File(description=f"up to {max_batch} images, each its own `files` field"),
@@ -357,7 +410,9 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, m
             p = infer(np.concatenate(inputs)) if inputs else []
         answered = iter(p)
         for r in results:
-            if "image" in r: r["predictions"] = top(next(answered), k)
+            if "image" in r:
+                r["predictions"] = top(next(answered), k)
+                r["confident"] = confident(r["predictions"])
         return {"results": results, "model": model.sha256[:12]}
 
     return app

@@ -2,7 +2,9 @@
 /health, predictions on real CIFAR-10 test images, images of every common kind, each kind of bad request answered
 4xx (JSON `detail`) with the service still answering, decompression bombs refused fast with flat memory, HEAD, the page,
 TCP_NODELAY on accepted connections, worker processes, a small load test through bench/load.py, the page in
-headless Chromium finding the right class with nothing broken, and the API docs rendering with the network cut off."""
+headless Chromium finding the right class with nothing broken, `confident` (true on a real image the model is sure of,
+false on noise, null for a model without a threshold) and the page's "not sure", and the API docs rendering with the
+network cut off."""
 import base64
 import ctypes
 import errno
@@ -10,6 +12,7 @@ import functools
 import hashlib
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -59,6 +62,33 @@ def server(exported_model, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def sure_and_unsure(exported_model, data_dir):
+    """The model's confidence threshold; the real CIFAR-10 test image (as PNG) it is surest of, and seeded uniform
+    noise (as PNG), each with the top probability the service's own `Model` gives it.
+
+    The test model is weak (one epoch on 3000 images): the threshold `cifarlab export` chose on the validation split
+    (99% accuracy at or above it) is reached by about one image in a thousand, so the whole test set is searched
+    rather than its first few hundred images. The tests assert that the image reaches the threshold and the noise
+    does not, so they check what they claim whatever this run's training gave."""
+    from cifarlab.data import load_split
+    from cifarlab.serve import Model
+    model = Model(exported_model[0])
+    images, _ = load_split(data_dir, "test")
+    top = model.probabilities(images).max(1)
+    i = int(top.argmax())
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return SimpleNamespace(threshold=model.threshold, image=png(images[i].transpose(1, 2, 0)), image_p=float(top[i]),
+                           noise=png(noise), noise_p=float(model.probabilities(noise.transpose(2, 0, 1)[None]).max()))
+
+
+def assert_meaningful(s):
+    "The threshold lies between the noise's top probability and the image's: else the `confident` tests prove nothing."
+    assert s.threshold is not None, "the exported test model has no confidence threshold"
+    assert s.noise_p < s.threshold <= s.image_p, (f"threshold {s.threshold}: the surest test image has {s.image_p}, "
+                                                  f"the noise {s.noise_p}")
+
+
 def predict(server, data, name="image.png", **kw):
     return httpx.post(server.url + "/predict", files={"file": (name, data, "application/octet-stream")}, timeout=30, **kw)
 
@@ -83,6 +113,13 @@ def test_health(server):
     assert m["classes"] == list(CLASSES) and m["test_images"] == 10_000 and 0 < m["test_accuracy"] < 1
     assert m["sha256"] == hashlib.sha256(server.model.read_bytes()).hexdigest()
     assert m["input"]["dtype"] == "uint8" and h["limits"]["max_upload_bytes"] == MAX_UPLOAD
+    # exported from a checkpoint: calibrated on the validation split, with a confidence threshold
+    from cifarlab.contract import open_model
+    c = open_model(server.model).contract
+    assert m["calibration"] == {"temperature": c["calibration"]["temperature"], "fitted_on": c["calibration"]["fitted_on"]}
+    assert m["calibration"]["fitted_on"]["split"] == "validation" and m["calibration"]["fitted_on"]["images"] > 0
+    assert m["confidence"] == c["confidence"] and m["confidence"]["target_accuracy"] == 0.99
+    assert 0 < m["confidence"]["threshold"] <= 1 and 0 <= m["confidence"]["coverage"] <= 1
     assert server.startup_s < 20  # about a second on an idle machine; generous for a loaded CI box
     assert "on http://127.0.0.1:" in server.log.read_text()  # binds loopback by default
 
@@ -105,6 +142,50 @@ def test_predicts_real_test_images(server, right_image):
     everything = predict(server, right_image[0], params={"k": 10}).json()["predictions"]
     assert sorted(p["class"] for p in everything) == sorted(CLASSES)
     assert sum(p["probability"] for p in everything) == pytest.approx(1, abs=1e-6)
+
+
+def test_confident_on_a_real_image_not_on_noise(server, sure_and_unsure):
+    s = sure_and_unsure
+    assert_meaningful(s)
+    for k in (5, 1):  # the top probability is always among those returned
+        sure, unsure = predict(server, s.image, params={"k": k}).json(), predict(server, s.noise, params={"k": k}).json()
+        assert sure["confident"] is True and sure["predictions"][0]["probability"] == pytest.approx(s.image_p, abs=1e-6)
+        assert unsure["confident"] is False and unsure["predictions"][0]["probability"] == pytest.approx(s.noise_p, abs=1e-6)
+    r = httpx.post(server.url + "/predict/batch", timeout=30, files=[
+        ("files", ("sure.png", s.image, "image/png")), ("files", ("notes.txt", b"hello", "text/plain")),
+        ("files", ("noise.png", s.noise, "image/png"))])
+    assert r.status_code == 200, r.text
+    assert [x.get("confident", "absent") for x in r.json()["results"]] == [True, "absent", False]
+
+
+def model_without_threshold(model, folder):
+    "A copy of `model` whose contract is as an export before calibration wrote it: no `calibration`, no `confidence`."
+    import onnx
+    from cifarlab.contract import open_model, write_contract
+    c = open_model(model).contract
+    del c["calibration"], c["confidence"]
+    onnx.save(write_contract(onnx.load(model), c), folder / "old.onnx")
+    return folder / "old.onnx"
+
+
+@pytest.fixture(scope="module")
+def server_without_threshold(exported_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-old")
+    proc, url, _ = start(model_without_threshold(exported_model[0], tmp), tmp)
+    yield SimpleNamespace(url=url, proc=proc, log=tmp / "serve.log")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_confident_is_null_without_a_threshold(server_without_threshold, sure_and_unsure):
+    s = sure_and_unsure
+    m = httpx.get(server_without_threshold.url + "/health").json()["model"]
+    assert (m["calibration"], m["confidence"]) == (None, None)
+    for data in (s.image, s.noise):
+        r = predict(server_without_threshold, data)
+        assert r.status_code == 200 and r.json()["confident"] is None, r.text
+    r = httpx.post(server_without_threshold.url + "/predict/batch", files=[("files", ("noise.png", s.noise, "image/png"))])
+    assert r.json()["results"][0]["confident"] is None
 
 
 def png_raw(width, height, bit_depth, color_type, rows):
@@ -251,6 +332,15 @@ def test_openapi_docs(server):
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert "file" in json.dumps(spec["components"]) or "file" in json.dumps(body)
     assert {"400", "413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    # the answers are described field by field: `confident` a boolean or null, saying what it means and whence its threshold
+    ok = lambda path: spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]
+    single, batch = ok("/predict"), ok("/predict/batch")
+    assert set(single["schema"]["properties"]) == {"predictions", "confident", "image", "model"}
+    for confident in (single["schema"]["properties"]["confident"],
+                      batch["schema"]["properties"]["results"]["items"]["properties"]["confident"]):
+        assert confident["type"] == ["boolean", "null"], confident
+        assert all(w in confident["description"] for w in ("threshold", "validation split", "99%", "null")), confident
+    assert isinstance(single["example"]["confident"], bool)
 
 
 def test_load_small(exported_model, data_dir, tmp_path):
@@ -519,6 +609,62 @@ def test_page_classifies_a_real_image(server, right_image, browser, screenshots)
     page.wait_for_selector("#results li")
     assert page.locator("#results li .label").first.text_content() == expected
     assert not errors, errors
+    page.close()
+
+
+def guesses(answer):
+    "The page's words for an answer's top three classes: whole percentages, rounded as JavaScript's Math.round does."
+    pct = lambda p: "<1%" if p < 0.005 else f"{math.floor(100 * p + 0.5)}%"
+    return ", ".join(f"{p['class']} {pct(p['probability'])}" for p in answer["predictions"][:3])
+
+
+def test_page_says_not_sure_with_the_best_guesses(server, sure_and_unsure, browser, screenshots):
+    "Noise: \"Not sure\" in words with the best guesses, the top bar not marked; the image the model is sure of: no \"not sure\"."
+    s = sure_and_unsure
+    assert_meaningful(s)
+    noise_answer = predict(server, s.noise).json()
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#facts').textContent.includes('test accuracy')")
+    assert "confident from a top probability of" in page.text_content("#facts")
+
+    page.set_input_files("#file", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": s.noise}])
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('noise.png: ')")
+    assert page.is_visible("#verdict") and page.locator("#results li").count() == 5
+    assert page.inner_text("#verdict") == f"Not sure \u2014 best guesses: {guesses(noise_answer)}"
+    assert page.get_attribute("#results", "aria-label") == "best guesses (not sure)"
+    fills = page.eval_on_selector_all("#results .fill", "els => els.map((e) => getComputedStyle(e).backgroundColor)")
+    assert fills[0] == fills[1], fills  # no green on the top guess: nothing is marked as the answer
+    assert page.evaluate(BROKEN) == []
+    page.screenshot(path=screenshots / "page-not-sure.png", full_page=True)
+
+    page.set_input_files("#file", files=[{"name": "cifar.png", "mimeType": "image/png", "buffer": s.image}])
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('cifar.png: ')")
+    assert not page.is_visible("#verdict") and "not sure" not in page.inner_text("body").lower()
+    sure_answer = predict(server, s.image).json()
+    assert page.locator("#results li .label").first.text_content() == sure_answer["predictions"][0]["class"]
+    assert page.get_attribute("#results", "aria-label") == "top-5 classes"
+    fills = page.eval_on_selector_all("#results .fill", "els => els.map((e) => getComputedStyle(e).backgroundColor)")
+    assert fills[0] != fills[1], fills  # the answer's bar is marked, as before
+    page.screenshot(path=screenshots / "page-confident.png", full_page=True)
+    assert not errors, errors
+    page.close()
+
+
+def test_page_without_a_threshold_is_as_before(server_without_threshold, sure_and_unsure, browser):
+    "A model without a threshold (`confident: null`): even noise is shown as an answer, top class first, with no \"not sure\"."
+    page = browser.new_page()
+    page.goto(server_without_threshold.url + "/")
+    page.wait_for_function("document.querySelector('#facts').textContent.includes('test accuracy')")
+    assert "confident from" not in page.text_content("#facts")
+    page.set_input_files("#file", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": sure_and_unsure.noise}])
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('noise.png: ')")
+    assert not page.is_visible("#verdict") and "not sure" not in page.inner_text("body").lower()
+    top = predict(server_without_threshold, sure_and_unsure.noise).json()["predictions"][0]["class"]
+    assert page.locator("#results li .label").first.text_content() == top
     page.close()
 
 
