@@ -30,6 +30,8 @@ SUBCOMMANDS = {
     "verify": ("cifarlab.export:verify_command", "check an ONNX model against PyTorch on the real test set"),
     "serve": ("cifarlab.serve:serve_command", "serve an ONNX model over HTTP, with a page for people"),
     "tune": ("cifarlab.tune:tune_command", "search a recipe's hyper-parameters with Optuna (validation accuracy, pruning, many workers)"),
+    "robustness": ("cifarlab.trust:robustness_command", "accuracy of an exported model under the 15 CIFAR-10-C corruptions at 5 severities"),
+    "card": ("cifarlab.trust:card_command", "write an exported model's card: calibration, robustness, its \"not sure\" threshold, limits"),
 }
 TAKES_ARGV = {"fit", "train", "validate", "test"}  # Lightning's own command line parses their arguments
 

@@ -170,6 +170,11 @@ def build(out, strict):
         missing = sorted(listed - set(docs))
         if missing: fail(f"nbs/sidebar.yml lists {missing}, which are not notebooks in nbs/")
         if "index.ipynb" not in docs: fail("there is no nbs/index.ipynb for the home page")
+        card = ROOT / "model_card.md"  # the pipeline model's card (`dvc repro`'s card stage): a page of its own, last
+        if card.is_file():
+            shutil.copy(card, src / "model_card.md")
+            docs["model_card.md"] = "model_card"
+            groups = [*groups, (None, ["model_card.md"])]
         index = src / "index.ipynb"
         nb = nbformat.read(index, as_version=4)
         nb.cells += toctrees(docs, groups)

@@ -60,6 +60,14 @@ def test_build_writes_every_sidebar_page(site):
     for page in pages: assert (site / page).is_file(), page
 
 
+def test_model_card_is_a_page(site):
+    "The pipeline model's card (model_card.md, written by `dvc repro`) is rendered as a page of the site."
+    card = ROOT / "model_card.md"
+    assert card.is_file(), "model_card.md is missing: run `uv run dvc repro` (its card stage writes it)"
+    html = (site / "model_card.html").read_text()
+    for heading in ("Calibration", "Robustness", "Not sure", "Known limits"): assert heading in html, heading
+
+
 def test_site_in_browser(base_url, browser):
     page = browser.new_page()
     errors = []  # uncaught exceptions and console errors (a failed request for a script or style is one)
