@@ -295,7 +295,7 @@ def robustness_command(model:str, # ONNX file written by `cifarlab export`
     if not 1 <= per_class <= 1000: raise CifarlabError("--per_class must be 1 to 1000 (the test split has 1,000 images a class)")
     print(f"{model}: {per_class * len(CLASSES):,} test images under {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities", flush=True)
     r = robustness(model, data_dir, cache_dir, per_class)
-    write_json(out, r)
+    write_json(out, {k: v for k, v in r.items() if k != "seconds"})  # the numbers only: a file that changes when they do
     if plots: write_json(plots, _robustness_rows(r))
     print(f"clean {r['clean_accuracy']:.4f}, mean under corruption {r['mean_corruption_accuracy']:.4f} "
           f"(drop {r['drop']:.4f}); worst at severity 5: {r['worst_at_severity_5']['corruption']} "
@@ -332,12 +332,9 @@ def card_command(model:str, # ONNX file written by `cifarlab export`
             "mean_corruption_accuracy": robust["mean_corruption_accuracy"]}})
     if plots_dir:
         d = Path(plots_dir)
-        rel = report["reliability"]
-        # one row a confidence bin: the diagonal, and the accuracy of the answers in it without and with the temperature
-        write_json(d / "reliability.json", [
-            {"confidence": round(float(upper) - 0.5 / BINS, 4), "calibrated": round(float(upper) - 0.5 / BINS, 4),
-             **{name: rel[name]["accuracy"][i] for name in ("before", "after") if rel[name]["count"][i]}}
-            for i, upper in enumerate(rel["after"]["upper"])])
+        for name, r in report["reliability"].items():  # a point a non-empty bin: its mean confidence and its accuracy
+            write_json(d / f"reliability_{name}.json", [{"confidence": conf_, "accuracy": acc}
+                       for conf_, acc, n in zip(r["confidence"], r["accuracy"], r["count"]) if n])
         write_json(d / "risk_coverage.json", report["risk_coverage"])
     c = report["calibration"]
     print(f"{out}: test accuracy {report['accuracy']:.4f}; ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, "
