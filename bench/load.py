@@ -14,9 +14,11 @@ from the first byte sent to the last byte of the answer; requests per second is 
 of the phase. Any status other than 200, any connection error and any malformed answer counts as an error, and the exit
 status is 1 if there was one or if the service did not answer /health afterwards.
 
-With `--baseline-rev REV` the same phases also run against `cifarlab serve` from a git worktree of revision REV (same
-environment, its package first on PYTHONPATH), started beside the current one; the two take turns, who goes first
-alternating between repeats, so that both see the same machine.
+With `--baseline-rev REV` the same phases also run against `cifarlab serve` from a git worktree of revision REV,
+installed with the serve dependencies REV locked (its requirements-serve.txt, in an environment of its own, so that a
+change of those counts too; a revision without that file runs in this environment, its package first on PYTHONPATH),
+started beside the current one; the two take turns, who goes first alternating between repeats, so that both see the
+same machine.
 """
 import argparse
 import http.client
@@ -85,10 +87,24 @@ def wait_healthy(url, proc=None, timeout=60):
     raise RuntimeError(f"{url}/health did not answer within {timeout} s")
 
 
+def baseline_command(src):
+    """The `cifarlab` command of checkout `src` installed in an environment of its own with the serve dependencies it
+    locks (requirements-serve.txt); None when it has no such file."""
+    req = src / "requirements-serve.txt"
+    if not req.is_file(): return None
+    venv = src.parent / "venv"
+    python = venv / "bin" / "python"
+    for cmd in (["uv", "venv", "--quiet", "--python", sys.executable, venv],
+                ["uv", "pip", "install", "--quiet", "--python", python, "-r", req],
+                ["uv", "pip", "install", "--quiet", "--python", python, "--no-deps", src]):
+        subprocess.run(list(map(str, cmd)), check=True)
+    return venv / "bin" / "cifarlab"
+
+
 def start_service(model, workers=1, source=None):
-    """Start `cifarlab serve` on a free loopback port (--port 0), from the checkout `source` if given (its package first
-    on PYTHONPATH): (process, url, seconds until /health answered)."""
-    cli = Path(sys.executable).with_name("cifarlab")
+    """Start `cifarlab serve` on a free loopback port (--port 0): this environment's, or the checkout `source`'s, in its
+    own environment if it has one, else first on PYTHONPATH: (process, url, seconds until /health answered)."""
+    cli = (source and baseline_command_of.get(source)) or Path(sys.executable).with_name("cifarlab")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(source or ""), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", "0", "--workers", str(workers),
@@ -237,12 +253,16 @@ def describe(label, workers, s, clients):
           f"{batch}; {s['errors']} errors", flush=True)
 
 
+baseline_command_of = {}  # checkout -> its own `cifarlab` command (baseline_command)
+
+
 def worktree(rev):
     "A detached git worktree of revision `rev` in a temporary folder: (its path, the full commit id)."
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True)
     if commit.returncode != 0: sys.exit(f"load.py: error: {rev!r} is not a revision of this repository")
     path = Path(tempfile.mkdtemp(prefix="cifarlab-baseline-")) / "src"
     subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(path), rev], check=True)
+    baseline_command_of[path] = baseline_command(path)
     return path, commit.stdout.strip()
 
 
