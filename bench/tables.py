@@ -197,9 +197,22 @@ def loader(files):
     return "Data loading", " ".join(texts), "\n\n".join(tables)
 
 
-ORDER = [whole_commands, training, inference, load, loader]
+def robustness(files):
+    "bench/robustness.py: cifarlab robustness as a whole command, corrupted sets made and cached."
+    texts, tables = [], []
+    for name, d in files:
+        texts.append(f"`cifarlab robustness` on the pipeline's model: {d['images_per_cell']:,} test images under each of "
+                     f"the {d['cells']} corruption and severity cells, ONNX Runtime; the whole command, median of "
+                     f"{d['summary']['cold']['runs']} runs each. " + where([(name, d)], [command(d, "robustness.py")]))
+        tables.append(table(["corrupted sets", "wall time"],
+                            [["made (the first run)", secs(d["summary"]["cold"]["wall_s_median"])],
+                             ["cached (every later run)", secs(d["summary"]["warm"]["wall_s_median"])]]))
+    return "Robustness", " ".join(texts), "\n\n".join(tables)
+
+
+ORDER = [whole_commands, training, inference, load, loader, robustness]
 KINDS = {"whole processes": whole_commands, "cifarlab training": training, "CPU inference": inference,
-         "cifarlab serve on loopback": load, "training-loader throughput": loader}
+         "cifarlab serve on loopback": load, "training-loader throughput": loader, "cifarlab robustness": robustness}
 SKIP = object()
 SKIPPED = {"training-step profile"}  # operator rankings (bench/profile_steps.py), read in the files themselves
 
