@@ -227,7 +227,7 @@ def model_card(report, robust, contract, recipe_cost=None):
              f"({contract['test_time_augmentation']['tta']}) and the calibration temperature are inside the graph.", "",
              "## Data", "",
              "CIFAR-10 (Krizhevsky, 2009), verified against its published checksums before use: 50,000 training images, "
-             f"of which {(cal.get('validation') and contract['calibration']['fitted_on']['images']) or 'none'} were held out "
+             f"of which {f'{held:,}' if (held := (contract['calibration'].get('fitted_on') or {}).get('images')) else 'none'} were held out "
              "for validation (choices of recipe, temperature and threshold), and the 10,000 test images, used only to "
              "report.", ""]
     if recipe_cost:
