@@ -279,3 +279,33 @@ def test_bad_name_severity_seed(real):
     with pytest.raises(ValueError, match="seed"):
         C.corrupt(real[:2], "contrast", 1, seed=-1)
     assert np.array_equal(C.corrupt(real[:2], "contrast", np.int64(2)), C.corrupt(real[:2], "contrast", 2))
+
+
+# The constants of the authors' CIFAR generator (hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py), written
+# out here once more: the tests above compute their expectations from cifarlab's PARAMS, so a wrong value there would
+# pass them; this one pins each to the published number.
+PUBLISHED = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+    "shot_noise": (500, 250, 100, 75, 50),
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
+    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+             (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+    "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
+    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+    "elastic_transform": tuple((32 * a, 32 * s, 32 * j) for a, s, j in (
+        (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))),
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+    "jpeg_compression": (80, 65, 58, 50, 40),
+}
+
+
+def test_constants_are_the_published_ones():
+    assert set(PUBLISHED) == set(C.CORRUPTIONS)
+    for name, values in PUBLISHED.items():
+        assert np.allclose(C.PARAMS[name], values, rtol=1e-12, atol=0), name
