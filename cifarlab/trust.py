@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .calibration import BINS, ece, nll, reliability, risk_coverage, softmax
-from .contract import open_model
+from .contract import ModelFile, open_model
 from .core import CifarlabError, atomic_path, write_json
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from .data import CLASSES, load_split
@@ -146,17 +146,18 @@ def _curve(rc, points=200):
     return [{"coverage": float(rc["coverage"][i]), "accuracy": float(rc["accuracy"][i]),
              "threshold": float(rc["threshold"][i])} for i in keep]
 
-def trust_report(model_path, data_dir="data/cifar10", ood_per_kind=40):
+def trust_report(model, # an ONNX file written by `cifarlab export`, or one already opened with `open_model`
+                 data_dir="data/cifar10", ood_per_kind=40):
     "Calibration, per-class accuracy, the threshold's coverage and accuracy on the test split, and the out-of-class images flagged."
     from cifarlab.export import ort_logits
-    m = open_model(model_path)
+    m = model if isinstance(model, ModelFile) else open_model(model)
     c, x, y = m.contract, *load_split(data_dir, "test")
     t = c.get("calibration", {}).get("temperature", 1.0)
     logits = ort_logits(m.session, x)  # divided by t in the graph
     before, after = softmax(logits * t), softmax(logits)
     pred = after.argmax(1)
     conf = c.get("confidence")
-    report = {"model": str(model_path), "sha256": m.sha256, "test_images": len(y),
+    report = {"model": str(m.path), "sha256": m.sha256, "test_images": len(y),
               "accuracy": float((pred == y).mean()),
               "per_class": {name: float((pred[y == k] == k).mean()) for k, name in enumerate(CLASSES)},
               "calibration": {"temperature": t, "bins": BINS, "ece_before": ece(before, y), "ece_after": ece(after, y),
@@ -318,7 +319,7 @@ def card_command(model:str, # ONNX file written by `cifarlab export`
     if robust.get("sha256") != m.sha256:
         raise CifarlabError(f"{robustness} measured another model (sha256 {str(robust.get('sha256'))[:12]}, not "
                             f"{m.sha256[:12]}): run `cifarlab robustness {model}` again.")
-    report = trust_report(model, data_dir, ood_per_kind)
+    report = trust_report(m, data_dir, ood_per_kind)  # the file opened above: read and hashed once
     cost = json.loads(Path(recipe_cost).read_text()) if recipe_cost else None
     if cost and (recipe is None or Path(cost["recipe"]) != Path(recipe)): cost = None  # measured another recipe
     out = Path(out) if out else Path(model).with_name("model_card.md")
