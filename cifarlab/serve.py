@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import uvicorn
 from fastapi import File, HTTPException, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from fastcore.script import Param
@@ -36,13 +37,14 @@ from .contract import RESIZE_FILTERS, open_model
 from .core import CifarlabError, first_line
 
 
+
 # %% auto #0
 __all__ = ['FILTERS', 'MAX_PIXELS', 'SIXTEEN_BIT', 'REQUEST_ID', 'LOG_FORMATS', 'ACCESS_LOG', 'LATENCY_BUCKETS', 'METHODS',
            'PREDICT_EXAMPLE', 'BATCH_EXAMPLE', 'CONFIDENT_SCHEMA', 'PREDICTIONS_SCHEMA', 'IMAGE_SCHEMA',
-           'MODEL_ID_SCHEMA', 'PREDICT_SCHEMA', 'BATCH_SCHEMA', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS', 'Model',
-           'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'Metrics', 'forget_dead_workers', 'RequestLog',
-           'UploadLimit', 'HeadAsGet', 'create_app', 'read_page', 'listen', 'log_requests', 'app_from_env',
-           'serve_command']
+           'MODEL_ID_SCHEMA', 'PREDICT_SCHEMA', 'BATCH_SCHEMA', 'INLINE_BYTES', 'PAGE', 'SETTINGS_ENV', 'LOG_LEVELS',
+           'Model', 'BadImage', 'to_rgb', 'open_image', 'image_to_input', 'Metrics', 'forget_dead_workers',
+           'RequestLog', 'UploadLimit', 'HeadAsGet', 'create_app', 'read_page', 'listen', 'log_requests',
+           'app_from_env', 'serve_command']
 
 # %% ../nbs/06_serve.ipynb #c008
 FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS}  # the contract's names: Pillow's
@@ -294,6 +296,8 @@ class HeadAsGet:
         await self.app(inner, receive, send_headers_only)
         if "route" in inner: scope["route"] = inner["route"]  # for RequestLog, outside: the route that answered
 
+INLINE_BYTES = 64 * 1024  # uploads up to this size are classified on the event loop, larger ones in a thread
+
 def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, max_batch=64, log_format="text"):
     "The FastAPI application serving the model at `model_path`."
     model, html = Model(model_path), read_page()
@@ -376,20 +380,31 @@ def create_app(model_path, max_upload_bytes=10 * 2**20, max_pixels=MAX_PIXELS, m
         413: {"description": f"upload over {max_upload_bytes:,} bytes, or an image over {max_pixels:,} pixels"},
         415: {"description": "not an image in a format the service reads"},
         422: {"description": "no form field `file`, or `k` out of range"}})
-    def predict(file: UploadFile = File(description="an image (PNG, JPEG, GIF, BMP, TIFF, WebP, ...), any size"),
-                k: int = Query(5, ge=1, le=len(model.classes), description="how many classes to return")):
+    async def predict(file: UploadFile = File(description="an image (PNG, JPEG, GIF, BMP, TIFF, WebP, ...), any size"),
+                      k: int = Query(5, ge=1, le=len(model.classes), description="how many classes to return")):
         """Classify one image: the `k` most likely classes with their probabilities, most likely first, and
         `confident`: whether the top probability reaches the model's confidence threshold (null: the model has none).
         The image is converted to RGB (16-bit scaled, transparency onto white), its centre cropped to a square
         and resized to the model's input size; the model normalises it."""
-        with slots:
-            try: x, info = image_to_input(file.file.read(), model, max_pixels)
-            except BadImage as e: raise HTTPException(e.status, str(e)) from None
-            p = infer(x)[0]
-        predictions = top(p, k)
+        data = await file.read()
+        # A small upload (a CIFAR-sized PNG is about 3 KB) is answered on the event loop: a millisecond of work, on which
+        # the hop to a worker thread and back would add a fifth in CPU. A larger one is answered in a thread, so that
+        # probes and other requests go on while it decodes. (A small file declaring many pixels can still hold the loop
+        # for as long as decoding max_pixels takes: a fraction of a second.)
+        if len(data) <= INLINE_BYTES: answer = classify(data, k)
+        else: answer = await run_in_threadpool(classify_in_a_slot, data, k)
         # a JSONResponse is sent as it is: FastAPI's jsonable_encoder would walk these plain values once more (CPU a request)
-        return JSONResponse({"predictions": predictions, "confident": confident(predictions), "image": info,
-                             "model": model.sha256[:12]})
+        return JSONResponse(answer)
+
+    def classify(data, k):
+        "/predict's answer for uploaded bytes."
+        try: x, info = image_to_input(data, model, max_pixels)
+        except BadImage as e: raise HTTPException(e.status, str(e)) from None
+        predictions = top(infer(x)[0], k)
+        return {"predictions": predictions, "confident": confident(predictions), "image": info, "model": model.sha256[:12]}
+
+    def classify_in_a_slot(data, k):
+        with slots: return classify(data, k)
 
     @app.post("/predict/batch", responses={
         200: {"description": "one result per image, in the order sent",
