@@ -7,6 +7,7 @@ export, what `cifarlab serve` imports is in it, and the wheel the image installs
 The Debian base tarball and the wheelhouse are kept between runs under ~/.cache/cifarlab-test, keyed by what they are
 made from (the mmdebstrap command; requirements-serve.txt), so a rerun builds only the image."""
 import hashlib
+import io
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from filelock import FileLock
+from PIL import Image
 
 from conftest import ROOT, free_port, missing, run
 
@@ -32,17 +34,35 @@ REQUIREMENTS = ROOT / "requirements-serve.txt"
 EXPORT = ["uv", "export", "--only-group", "serve", "--no-emit-project", "--frozen"]  # + -o requirements-serve.txt
 # Debian 12 (its python3 is 3.11, the project's): Essential packages and what the image needs, merged /usr done by a
 # hook (no usrmerge, hence no perl), no docs, man pages or translations
-BASE = ["mmdebstrap", "--quiet", "--variant=essential", "--include=python3,python3-venv,ca-certificates,passwd,libstdc++6",
+BASE = ["mmdebstrap", "--quiet", "--variant=essential", "--include=python3,python3-venv,ca-certificates,passwd,libstdc++6,binutils",
         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm"]
 # the image the service runs in: Debian 12's Python and the libraries it links, only extracted (nothing installed or
-# configured: no shell, no apt), without docs, translations, glibc's iconv modules (Python's codecs are its own) and
-# pydoc's topics; /tmp for uploads spooled to disk. (The extract variant runs extract hooks, not customize hooks.)
+# configured: no shell, no apt), without docs, translations, glibc's iconv modules (Python's codecs are its own),
+# pydoc's topics, dpkg's programs, and the parts of the standard library the service never imports with the libraries
+# only they link (tests, unittest, sqlite3, dbm, curses, NIS, readline: Berkeley DB, SQLite, Kerberos, ncurses' extras;
+# the CJK codecs, the pure-Python fallbacks of decimal and io, mail and FTP clients, pdb);
+# /tmp for uploads spooled to disk. (The extract variant runs extract hooks, not customize hooks.)
 RUNTIME = ["mmdebstrap", "--quiet", "--variant=extract", "--include=python3-minimal,libpython3.11-stdlib,libstdc++6",
            '--extract-hook=cd "$1" && rm -rf usr/share/doc usr/share/man usr/share/locale usr/share/info '
-           'usr/share/lintian usr/lib/*/gconv usr/lib/python3.11/pydoc_data && mkdir -p tmp && chmod 1777 tmp',
+           'usr/share/lintian usr/lib/*/gconv usr/bin/dpkg* '
+           'usr/lib/python3.11/pydoc_data usr/lib/python3.11/test usr/lib/python3.11/unittest usr/lib/python3.11/sqlite3 '
+           'usr/lib/python3.11/dbm usr/lib/python3.11/curses usr/lib/python3.11/distutils usr/lib/python3.11/xmlrpc '
+           'usr/lib/python3.11/pydoc.py usr/lib/python3.11/doctest.py usr/lib/python3.11/turtle.py '
+           'usr/lib/python3.11/lib-dynload/_test* usr/lib/python3.11/lib-dynload/_xx* usr/lib/python3.11/lib-dynload/xx* '
+           'usr/lib/python3.11/lib-dynload/_ctypes_test* usr/lib/python3.11/lib-dynload/_dbm* '
+           'usr/lib/python3.11/lib-dynload/_sqlite3* usr/lib/python3.11/lib-dynload/nis.* '
+           'usr/lib/python3.11/lib-dynload/_curses* usr/lib/python3.11/lib-dynload/readline.* '
+           'usr/lib/python3.11/lib-dynload/ossaudiodev.* usr/lib/python3.11/lib-dynload/audioop.* '
+           'usr/lib/python3.11/lib-dynload/_codecs_[chjkt]* usr/lib/python3.11/_pydecimal.py usr/lib/python3.11/_pyio.py '
+           'usr/lib/python3.11/pickletools.py usr/lib/python3.11/mailbox.py usr/lib/python3.11/imaplib.py '
+           'usr/lib/python3.11/nntplib.py usr/lib/python3.11/smtplib.py usr/lib/python3.11/ftplib.py '
+           'usr/lib/python3.11/pdb.py usr/lib/python3.11/cgi*.py usr/lib/python3.11/aifc.py '
+           'usr/lib/*/libdb-5* usr/lib/*/libsqlite3* usr/lib/*/libkrb5* usr/lib/*/libgssapi_krb5* usr/lib/*/libk5crypto* '
+           'usr/lib/*/libnsl* usr/lib/*/krb5 usr/lib/*/libformw* usr/lib/*/libmenuw* usr/lib/*/libpanelw* usr/lib/*/libtic.* '
+           '&& mkdir -p tmp && chmod 1777 tmp',
            "bookworm"]
-MAX_IMAGE_BYTES = 205 * 10**6  # 195 MB measured with the tests' small model: a regression shows
+MAX_IMAGE_BYTES = 150 * 10**6  # the goal; measured: see the test record (container image size)
 # this machine's kernel: runc (crun fails on its cgroups) and these limits (higher ones are refused)
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
@@ -217,6 +237,26 @@ def test_container_classifies_a_real_test_image(container, right_image):
     data, expected = right_image
     r = httpx.post(container.url + "/predict", files={"file": ("cifar.png", data, "image/png")}, timeout=30)
     assert r.status_code == 200 and r.json()["predictions"][0]["class"] == expected, r.text
+
+
+def test_container_reads_every_format_it_names(container, right_image):
+    """The same image as PNG, JPEG, WebP, GIF, BMP and TIFF (and with an alpha channel) in one batch: each is answered,
+    so the image's pruning (modules the service's import log never showed) removed nothing decoding needs."""
+    data, expected = right_image
+    img = Image.open(io.BytesIO(data))
+    def encoded(fmt, im=img):
+        b = io.BytesIO(); im.save(b, fmt); return b.getvalue()
+    files = [("files", (f"cifar.{fmt.lower()}", encoded(fmt), "application/octet-stream"))
+             for fmt in ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]]
+    files.append(("files", ("alpha.png", encoded("PNG", img.convert("RGBA")), "image/png")))
+    r = httpx.post(container.url + "/predict/batch", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x.get("status") for x in results] == [None] * len(files), results  # no per-image refusal
+    assert [x["image"]["format"] for x in results] == ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PNG"], results
+    # the lossless ones are the very pixels of the test image: the same top class
+    lossless = [x for x in results if x["image"]["format"] in ("PNG", "BMP", "TIFF")]
+    assert all(x["predictions"][0]["class"] == expected for x in lossless), results
 
 
 def test_container_serves_the_page(container):
