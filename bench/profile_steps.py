@@ -1,14 +1,24 @@
-"""Where a recipe's training time goes: PyTorch's profiler over some training steps, operators ranked by self time.
+"""Where a recipe's training time goes: PyTorch's profiler over some training steps, operators ranked by self time,
+and the steps against the machine's roofline.
 
     uv run python bench/profile_steps.py configs/quick.yaml --out bench/results/profile-quick-bf16.json
     uv run python bench/profile_steps.py configs/quick.yaml --set=--trainer.precision=32-true --out bench/results/profile-quick-fp32.json
 
 The steps run through the recipe's own objects (network, optimiser, data module with its augmentation, the
 trainer's precision), after a few unprofiled warm-up steps; the JSON lists the top operators by self time on the
-CPU (and on the GPU when there is one), grouped into data, forward/backward compute and optimiser time.
+CPU (and on the GPU when there is one), grouped into data, forward/backward compute and optimiser time, and all
+operators' self time summed by kind (convolution, matrix product, normalisation, activation, pooling, ...).
+
+The roofline: the machine's own float32 and bfloat16 throughput on a 2048x2048 matrix product and on a 3x3
+convolution (96 -> 96 channels, 16x16, batch 256, channels-last), measured here on the threads torch uses; and the
+recipe's floating-point operations per training step (PyTorch's FLOP counter over one step, forward and backward),
+so that achieved FLOP/s (those operations over the unprofiled seconds per step) can be read as a fraction of what
+the same cores do on a plain convolution (model FLOPs utilisation).
 """
 import argparse
 import itertools
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,9 +26,52 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
 
-from cifarlab.env import cpu_name, synchronize
+from cifarlab.env import cpu_flags, cpu_name, synchronize
 from cifarlab.experiments import recipe_objects, write_results
+
+
+# an operator's kind, from its name (first match wins); what matches none is "other"
+KINDS = [("convolution", r"conv"), ("matrix product", r"addmm|\bmm\b|matmul|linear|bmm"),
+         ("normalisation", r"batch_norm|layer_norm|group_norm"), ("activation", r"gelu|relu|silu|sigmoid|tanh"),
+         ("pooling", r"pool"), ("loss", r"cross_entropy|nll_loss|log_softmax"),
+         ("copy and layout", r"copy_|to_copy|contiguous|clone|empty|cat|stack|pad|flip|slice|index|select|view|reshape|permute|transpose|as_strided"),
+         ("elementwise", r"add|mul|sub|div|where|fill|zero|lerp|sqrt|addcmul|addcdiv|neg|exp|sum|mean")]
+
+
+def kind_of(op):
+    return next((k for k, pattern in KINDS if re.search(pattern, op)), "other")
+
+
+def timed(fn, repeats=5, min_s=0.3):
+    "Median seconds of one call of `fn` (each repeat runs it enough times to last `min_s`), after a warm-up call."
+    fn(); n, t0 = 1, time.perf_counter()
+    while time.perf_counter() - t0 < min_s / 4: fn(); n += 1
+    n = max(1, int(n * 4 * min_s / max(time.perf_counter() - t0, 1e-9) / 4))
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n): fn()
+        out.append((time.perf_counter() - t0) / n)
+    return statistics.median(out)
+
+
+def machine_peaks():
+    "TFLOP/s of this machine's cores on a matrix product and a convolution, float32 and bfloat16 (autocast)."
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x = torch.randn(256, 96, 16, 16).to(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(96, 96, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    conv_flop = 2 * 256 * 96 * 96 * 9 * 16 * 16
+    peaks = {}
+    with torch.no_grad():
+        peaks["matmul_fp32"] = 2 * 2048**3 / timed(lambda: a @ b) / 1e12
+        peaks["conv3x3_fp32"] = conv_flop / timed(lambda: conv(x)) / 1e12
+        ab, bb = a.bfloat16(), b.bfloat16()
+        peaks["matmul_bf16"] = 2 * 2048**3 / timed(lambda: ab @ bb) / 1e12
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            peaks["conv3x3_bf16"] = conv_flop / timed(lambda: conv(x)) / 1e12
+    return peaks
 
 
 def main(argv=None):
@@ -52,6 +105,12 @@ def main(argv=None):
         with record_function("optimiser"): opt.step(); opt.zero_grad(set_to_none=True)
 
     for _ in range(args.warmup): step()
+    with FlopCounterMode(display=False) as counter: step()
+    flop_per_step = counter.get_total_flops()
+    synchronize(); t0 = time.perf_counter()
+    for _ in range(args.steps): step()
+    synchronize(); unprofiled = (time.perf_counter() - t0) / args.steps
+    peaks = machine_peaks()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     synchronize(); t0 = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -63,18 +122,36 @@ def main(argv=None):
               ("data (batch, augment, normalise)", "forward + loss", "backward", "optimiser")}
     ops = sorted((e for e in events if not e.key.startswith(("data (", "forward +", "backward", "optimiser"))),
                  key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
+    by_kind = {}
+    for e in events:
+        if e.key in phases or e.key.startswith("ProfilerStep"): continue
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
+    low_precision = "bf16" in str(trainer.precision) or "16" in str(trainer.precision)
+    reference = peaks["conv3x3_bf16" if low_precision else "conv3x3_fp32"]
+    achieved = flop_per_step / unprofiled / 1e12
     result = {"benchmark": "training-step profile", "command": "uv run python bench/profile_steps.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "precision": str(trainer.precision),
               "machine": {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          # what decides the CPU's bfloat16 speed: native AVX-512 BF16 and AMX, or neither
+                          "matrix_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                                "amx_tile", "amx_bf16", "amx_int8"}),
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "steps": args.steps, "batch_size": dm.hparams.batch_size,
               "seconds_per_step": elapsed / args.steps, "images_per_s": args.steps * dm.hparams.batch_size / elapsed,
               "phase_seconds": phases,
               "top_ops_by_self_cpu": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count,
-                                       "share": e.self_cpu_time_total / 1e6 / elapsed} for e in ops]}
+                                       "share": e.self_cpu_time_total / 1e6 / elapsed} for e in ops],
+              "self_seconds_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+              "roofline": {"peak_tflops": peaks, "flop_per_step": flop_per_step,
+                           "seconds_per_step_unprofiled": unprofiled, "achieved_tflops": achieved,
+                           "reference": "conv3x3_bf16" if low_precision else "conv3x3_fp32",
+                           "fraction_of_reference": achieved / reference}}
     write_results(result, args.out)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     print(f"{elapsed / args.steps * 1000:.0f} ms per step, phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    print(f"roofline: {flop_per_step / 1e9:.1f} GFLOP a step in {unprofiled * 1000:.0f} ms: {achieved:.3f} TFLOP/s, "
+          f"{100 * achieved / reference:.1f}% of the machine's {result['roofline']['reference']} "
+          f"({reference:.2f} TFLOP/s); peaks " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
     print(f"-> {args.out}")
     return 0
 
