@@ -77,6 +77,7 @@ class FastNet(HyperparametersMixin, nn.Module):
                  stem:Stem="conv", # a 3×3 conv + BatchNorm, or the frozen whitening layer fitted to the data
                  num_classes:int=10, # outputs of the head
                  head_scale:float=1 / 9, # the head's output is scaled by this (a lower effective learning rate)
+                 bn_weights:bool=True, # train BatchNorm's scale; airbench keeps it at 1 and trains only the shift
                 ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +94,7 @@ class FastNet(HyperparametersMixin, nn.Module):
         for m in self.modules():
             # identity-like start for the second conv of each group: the block begins close to its first half
             if isinstance(m, ConvGroup): nn.init.dirac_(m[4].weight[:, :m[4].in_channels])
+            if isinstance(m, nn.BatchNorm2d): m.weight.requires_grad_(bn_weights)
 
     def init_from_data(self, images):
         "Set the whitening stem's filters from training `images`, unless they are set (by an earlier call or a checkpoint)."
@@ -101,6 +103,7 @@ class FastNet(HyperparametersMixin, nn.Module):
     def forward(self, x):
         x = self.pool(self.groups(self.stem(x)))
         return self.head(x.flatten(1)) * self.head_scale
+
 
 # %% ../nbs/03_model.ipynb #c013
 def shift(x, dy, dx):
@@ -140,6 +143,11 @@ class Classifier(L.LightningModule):
                  tta:TTA="none", # test-time augmentation in validation, test and prediction
                  channels_last:bool=False, # channels-last memory format (faster convolutions on CPUs and GPUs)
                  compile:bool=False, # torch.compile the network for training (GPUs: faster steps after a slower first one)
+                 lr_start:float=0.0, # `warmup_linear` starts at this fraction of `lr`...
+                 lr_end:float=0.0, # ...and decays to this fraction of it
+                 norm_bias_lr_scale:float=1.0, # learning-rate multiplier for BatchNorm shifts (airbench: 64); their decay per step stays
+                 lookahead:bool=False, # airbench's lookahead: every 5 steps the weights move to an average of themselves; training ends on it
+                 stem_bias_epochs:int|None=None, # epochs the whitening stem's bias trains before it is frozen (None: all)
                 ):
         super().__init__()
         for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("tta", TTA)):
@@ -169,6 +177,32 @@ class Classifier(L.LightningModule):
         init, dm = getattr(self.net, "init_from_data", None), getattr(self.trainer, "datamodule", None)
         if init is not None and hasattr(dm, "train_images"): init(dm.train_images(5000))
 
+    def on_train_epoch_start(self):
+        # a frozen stem also spares the backward pass its first convolution's input gradient
+        stem, n = getattr(self.net, "stem", None), self.hparams.stem_bias_epochs
+        if n is not None and isinstance(stem, WhiteningStem): stem.conv.bias.requires_grad_(self.current_epoch < n)
+
+    def on_train_start(self): self._total_steps = self.trainer.estimated_stepping_batches
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if not self.hparams.lookahead: return
+        step, total = self.trainer.global_step, self._total_steps
+        if step >= total: self._lookahead(1.0)  # the last step: the weights become the average
+        elif step % 5 == 0: self._lookahead(0.95**5 * (step / total) ** 3)  # airbench's schedule: weak early, strong late
+
+    @torch.no_grad()
+    def _lookahead(self, decay):
+        "Move the running average towards the weights by `1 - decay`, then set the weights to it."
+        state = [t for t in self.net.state_dict().values() if t.is_floating_point()]  # BatchNorm statistics too
+        if getattr(self, "_average", None) is None: self._average = [t.clone() for t in state]
+        self._average = [avg.to(t.device) for avg, t in zip(self._average, state)]  # a no-op but after a resume
+        for avg, t in zip(self._average, state): avg.lerp_(t, 1 - decay); t.copy_(avg)
+
+    # the average is part of the run's state: a resumed run continues it
+    def on_save_checkpoint(self, checkpoint):
+        if getattr(self, "_average", None) is not None: checkpoint["lookahead_average"] = self._average
+    def on_load_checkpoint(self, checkpoint): self._average = checkpoint.get("lookahead_average")
+
     def _log_step(self, stage, logits, y, loss):
         acc = self.accuracy[f"{stage}_"]
         acc(logits, y)
@@ -193,11 +227,19 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.optimizer == "adam": opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        else: opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
+        scale, groups = hp.norm_bias_lr_scale, [{"params": list(self.parameters())}]
+        if scale != 1:
+            shifts = [m.bias for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+            # PyTorch's weight decay is scaled by the learning rate: dividing it by `scale` keeps the shifts' decay per step
+            groups = [{"params": [p for p in self.parameters() if all(p is not b for b in shifts)]},
+                      {"params": shifts, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale}]
+        if hp.optimizer == "adam": opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        else: opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
         if hp.schedule == "constant": return opt
         total = self.trainer.estimated_stepping_batches
         warm = max(1, int(hp.warmup * total))
-        ramp = lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+        a, b = hp.lr_start, hp.lr_end
+        ramp = lambda s: a + (1 - a) * (s + 1) / warm if s < warm else b + (1 - b) * max(0.0, (total - s) / max(1, total - warm))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
