@@ -29,7 +29,7 @@ from .core import CifarlabError, atomic_path, check_choice
 __all__ = ['CLASSES', 'OFFICIAL_URL', 'OFFICIAL_MD5', 'ARCHIVE_ENV', 'BATCH_DIR', 'SPLIT_BATCHES', 'BATCH_MD5', 'SPLIT_SHA256',
            'BATCH_SIZE', 'AUGMENTATIONS', 'Augmentation', 'Normalization', 'PadMode', 'DataError', 'BatchUnpickler',
            'load_batch', 'md5', 'check_batch', 'read_archive', 'download', 'resolve_archive', 'channel_stats',
-           'check_split', 'load_split', 'load_meta', 'is_prepared', 'prepare', 'random_crop', 'random_flip',
+           'check_split', 'load_split', 'load_meta', 'is_prepared', 'prepare', 'random_crop', 'mirror', 'random_flip',
            'random_cutout', 'normalization', 'TensorBatches', 'CIFAR10DataModule', 'data_command']
 
 # %% ../nbs/02_data.ipynb #c006
@@ -269,10 +269,13 @@ def random_crop(x, padding, generator=None, mode="reflect"):
     cols = (dx + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
     return xp.gather(2, rows).gather(3, cols)
 
+def mirror(x, which):
+    "Mirror left-right the images of a B×C×H×W batch where the boolean vector `which` is set."
+    return torch.where(which[:, None, None, None], x.flip(3), x)
+
 def random_flip(x, generator=None):
     "Mirror each image of a B×C×H×W batch left-right with probability 1/2."
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return mirror(x, torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5)
 
 def random_cutout(x, size=8, generator=None, fill=127):
     "Set a `size`×`size` square (clipped at the border) around a random centre of each image to `fill` (mid-grey)."
@@ -285,9 +288,12 @@ def random_cutout(x, size=8, generator=None, fill=127):
 AUGMENTATIONS = {  # name -> f(uint8 batch, generator, data options), applied in this order
     "crop": lambda x, g, o: random_crop(x, o["crop_padding"], g, o["pad_mode"]),
     "flip": lambda x, g, o: random_flip(x, g),
+    # airbench's alternating flip: a random half of the images mirrored in even epochs, the other half in odd ones
+    "altflip": lambda x, g, o: mirror(x, o["mirrored"]),
     "cutout": lambda x, g, o: random_cutout(x, 8, g),
 }
 Augmentation = Literal[tuple(AUGMENTATIONS)]
+
 
 # %% ../nbs/02_data.ipynb #c036
 def normalization(mean, # per-channel mean on the 0–1 scale
@@ -307,6 +313,8 @@ class TensorBatches:
         self.options = {"crop_padding": crop_padding, "pad_mode": pad_mode}
         self.rank, self.world_size, self.epoch_fn = rank, world_size, epoch_fn
         self.scale, self.shift = normalization(mean, std, images.device)
+        # altflip's fixed coin per image (from the seed alone, so every DDP rank and a resumed run draw the same)
+        self.coins = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5).to(images.device)
         self._epoch = 0
 
     def _indices(self, epoch):
@@ -323,11 +331,11 @@ class TensorBatches:
         n = len(self.labels) // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def transform(self, x, generator=None):
-        "uint8 batch -> augmented, normalised float batch."
+    def transform(self, x, generator=None, options=None):
+        "uint8 batch -> augmented, normalised float batch (`options`: this batch's, if not the loader's)."
         # augmentations move or overwrite whole pixels, so they run on the uint8 batch (¼ of float32's memory traffic)
         for name in AUGMENTATIONS:
-            if name in self.augment: x = AUGMENTATIONS[name](x, generator, self.options)
+            if name in self.augment: x = AUGMENTATIONS[name](x, generator, options or self.options)
         return torch.addcmul(self.shift, x.float(), self.scale)
 
     def __iter__(self):
@@ -337,7 +345,9 @@ class TensorBatches:
         g = torch.Generator(device=self.images.device).manual_seed(self.seed * 100_003 + epoch * 7 + self.rank * 1_000_003)
         for i in range(len(self)):
             j = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.transform(self.images[j], g), self.labels[j]
+            options = dict(self.options, mirrored=self.coins[j] ^ bool(epoch % 2))
+            yield self.transform(self.images[j], g, options), self.labels[j]
+
 
 # %% ../nbs/02_data.ipynb #c039
 Normalization = Literal["dataset", "half"]

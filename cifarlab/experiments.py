@@ -28,12 +28,13 @@ __all__ = ['run_checkpoints', 'quiet_lightning', 'CifarCLI', 'fit', 'validate', 
            'recipe_objects', 'run_recipe', 'load_curves', 'write_results', 'train_summary', 'train']
 
 # %% ../nbs/04_experiments.ipynb #c006
-def run_checkpoints(root_dir):
-    "A run's two checkpoint callbacks, both in `<root_dir>/checkpoints`: the best epoch by `val_acc`, and `last.ckpt`."
+def run_checkpoints(root_dir, validated=True):
+    "A run's checkpoint callbacks in `<root_dir>/checkpoints`: `last.ckpt`, and the best epoch by `val_acc` if the run is `validated`."
     # a resumed run overwrites its files rather than writing -v1 copies beside them
     kw = dict(dirpath=Path(root_dir) / "checkpoints", auto_insert_metric_name=False, enable_version_counter=False)
-    return [ModelCheckpoint(monitor="val_acc", mode="max", filename="best-epoch{epoch}-val_acc{val_acc:.4f}", **kw),
-            ModelCheckpoint(save_last=True, filename="epoch{epoch}", **kw)]
+    best = [ModelCheckpoint(monitor="val_acc", mode="max", filename="best-epoch{epoch}-val_acc{val_acc:.4f}", **kw)]
+    return [*(best if validated else []), ModelCheckpoint(save_last=True, filename="epoch{epoch}", **kw)]
+
 
 # %% ../nbs/04_experiments.ipynb #c008
 class _DropTip(logging.Filter):
@@ -68,7 +69,8 @@ class CifarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
-        callbacks = [*(trainer.callbacks or []), *run_checkpoints(trainer.default_root_dir), EpochProgress()]
+        validated = getattr(getattr(self.datamodule, "hparams", None), "val_size", 1) > 0  # else nothing to rank epochs by
+        callbacks = [*(trainer.callbacks or []), *run_checkpoints(trainer.default_root_dir, validated), EpochProgress()]
         # Lightning's default logger, named: a CSV file per run (it warns about TensorBoard when left to choose)
         logger = CSVLogger(trainer.default_root_dir) if trainer.logger in (None, True) else trainer.logger
         # a progress bar only where someone watches a terminal; a log gets EpochProgress's lines alone
@@ -92,6 +94,7 @@ def validate(argv=None):
 def test(argv=None):
     "Entry point of `cifarlab test`."
     return _run_cli("test", argv)
+
 
 # %% ../nbs/04_experiments.ipynb #c940
 def _duration(s): return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
