@@ -108,7 +108,10 @@ def whole_commands(files):
               if d.get("ratio_wall_median") is not None]
     return ("Whole commands",
             "Each command timed from outside as a whole process (start-up, imports, data check, training, test), "
-            "the seed's and cifarlab's alternated run by run. " + "".join(ratios) + where(files, cmds),
+            "the seed's and cifarlab's alternated run by run. " + "".join(ratios) +
+            ("Each file's runs were made at a time of their own, and a shared machine's speed drifts from one to the "
+             "next: rows from different files are not a side-by-side comparison. " if len(files) > 1 else "") +
+            where(files, cmds),
             table(["whole command", "runs", "test accuracy, mean (min–max)", "wall time, median", "CPU time, median"],
                   rows))
 
