@@ -94,7 +94,9 @@ def export_checkpoint(ckpt, out="model.onnx", data_dir=None, limit=None, opset=O
         facts = checkpoint_facts(ckpt)
         log(f"rebuilding the run in {ckpt}")
         model, dm = load_run(ckpt, data_dir)
-        log(f"fitting the temperature and the confidence threshold on the {len(dm.splits['val'][1])} validation images")
+        n_val = len(dm.splits["val"][1])
+        log(f"fitting the temperature and the confidence threshold on the {n_val} validation images" if n_val else
+            "the run held out no validation images: temperature 1, no confidence threshold (data.val_size > 0 calibrates)")
         cal = calibrate_run(model, dm)
         log(f"measuring its test accuracy on {min(limit or 10_000, len(dm.splits['test'][1]))} test images")
         logits, labels = predict_logits(model, dm, limit)
