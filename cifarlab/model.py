@@ -13,12 +13,15 @@ import torch.nn.functional as F
 import lightning as L
 import torchmetrics
 from lightning.pytorch.core.mixins import HyperparametersMixin
+# torch.optim.Muon's Newton–Schulz iteration and coefficients; Muon itself takes only 2-D parameters, not conv filters
+from torch.optim._muon import _zeropower_via_newtonschulz, DEFAULT_A, DEFAULT_B, DEFAULT_C
 
 from .core import check_choice
 
+
 # %% auto #0
 __all__ = ['Stem', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet',
-           'shift', 'tta_logits', 'Classifier']
+           'shift', 'tta_logits', 'MuonSGD', 'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
@@ -126,14 +129,40 @@ def tta_logits(net, # the network (any callable from a batch to logits)
     return 0.5 * mirrored(x) + 0.25 * (mirrored(shift(x, -1, -1)) + mirrored(shift(x, 1, 1)))
 
 # %% ../nbs/03_model.ipynb #c016
-Optimizer = Literal["adam", "sgd"]
+Optimizer = Literal["adam", "sgd", "muon"]
+
+class MuonSGD(torch.optim.SGD):
+    """SGD with Nesterov momentum, except in groups marked `muon=True`, which take Muon's step: Nesterov momentum
+    (`muon_momentum`), the update orthogonalised by a Newton–Schulz iteration (a filter bank read as an
+    out-channels × rest matrix), the filters held at a fixed norm. One optimizer, so one learning-rate schedule
+    and one checkpoint state cover both kinds of group."""
+    def __init__(self, params, ns_steps:int=3, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_steps = ns_steps  # airbench94_muon: 3 (torch.optim.Muon's default is 5)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for group in (g for g in self.param_groups if g.get("muon")):
+            m = group["muon_momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                buf = self.state[p].setdefault("muon_buffer", torch.zeros_like(p.grad))
+                buf.mul_(m).add_(p.grad)
+                update = p.grad.add(buf, alpha=m).flatten(1)  # Nesterov
+                update = _zeropower_via_newtonschulz(update, (DEFAULT_A, DEFAULT_B, DEFAULT_C), self.ns_steps, 1e-7)
+                p.mul_(len(p) ** 0.5 / p.norm())  # a BatchNorm follows: only the filters' direction matters
+                p.grad.copy_(update.view(p.grad.shape))
+        super().step()  # Muon's groups have no momentum or decay of SGD's: there it is p -= lr × update
+        return loss
 Schedule = Literal["constant", "warmup_linear"]
 
 class Classifier(L.LightningModule):
     "Train `net` on CIFAR-10 by a configurable recipe; log loss and accuracy."
     def __init__(self,
                  net:nn.Module, # the network; it records its own arguments, so a checkpoint can rebuild it
-                 optimizer:Optimizer="adam", # Adam, or SGD with Nesterov momentum
+                 optimizer:Optimizer="adam", # Adam, SGD with Nesterov momentum, or Muon for the conv filters and SGD for the rest
                  lr:float=1e-3, # the (peak) learning rate
                  momentum:float=0.9, # SGD's momentum
                  weight_decay:float=0.0, # L2 penalty (PyTorch's coupled weight decay)
@@ -148,6 +177,8 @@ class Classifier(L.LightningModule):
                  norm_bias_lr_scale:float=1.0, # learning-rate multiplier for BatchNorm shifts (airbench: 64); their decay per step stays
                  lookahead:bool=False, # airbench's lookahead: every 5 steps the weights move to an average of themselves; training ends on it
                  stem_bias_epochs:int|None=None, # epochs the whitening stem's bias trains before it is frozen (None: all)
+                 muon_lr:float=0.24, # `optimizer="muon"`: the convolution filters' (peak) learning rate (airbench94_muon: 0.24)...
+                 muon_momentum:float=0.6, # ...and their Nesterov momentum; the other weights take SGD's `lr` and `momentum`
                 ):
         super().__init__()
         for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("tta", TTA)):
@@ -233,8 +264,16 @@ class Classifier(L.LightningModule):
             # PyTorch's weight decay is scaled by the learning rate: dividing it by `scale` keeps the shifts' decay per step
             groups = [{"params": [p for p in self.parameters() if all(p is not b for b in shifts)]},
                       {"params": shifts, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale}]
+        if hp.optimizer == "muon":
+            filters = [p for p in self.net.parameters() if p.ndim == 4 and p.requires_grad]
+            ids = {id(p) for p in filters}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+            groups.append({"params": filters, "muon": True, "lr": hp.muon_lr, "muon_momentum": hp.muon_momentum,
+                           "momentum": 0.0, "nesterov": False, "weight_decay": 0.0})
         if hp.optimizer == "adam": opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else: opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
+        else:
+            sgd = MuonSGD if hp.optimizer == "muon" else torch.optim.SGD
+            opt = sgd(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
         if hp.schedule == "constant": return opt
         total = self.trainer.estimated_stepping_batches
         warm = max(1, int(hp.warmup * total))
@@ -242,4 +281,5 @@ class Classifier(L.LightningModule):
         ramp = lambda s: a + (1 - a) * (s + 1) / warm if s < warm else b + (1 - b) * max(0.0, (total - s) / max(1, total - warm))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
 
