@@ -12,8 +12,8 @@ operators' self time summed by kind (convolution, matrix product, normalisation,
 The roofline: the machine's own float32 and bfloat16 throughput on a 2048x2048 matrix product and on a 3x3
 convolution (96 -> 96 channels, 16x16, batch 256, channels-last), measured here on the threads torch uses; and the
 recipe's floating-point operations per training step (PyTorch's FLOP counter over one step, forward and backward),
-so that achieved FLOP/s (those operations over the unprofiled seconds per step) can be read as a fraction of what
-the same cores do on a plain convolution (model FLOPs utilisation).
+so that achieved FLOP/s (those operations over the median unprofiled seconds per step of a few timed blocks) can
+be read as a fraction of what the same cores do on a plain convolution (model FLOPs utilisation).
 """
 import argparse
 import itertools
@@ -79,6 +79,7 @@ def main(argv=None):
     ap.add_argument("config")
     ap.add_argument("--steps", type=int, default=30, help="profiled training steps (default 30)")
     ap.add_argument("--warmup", type=int, default=5, help="unprofiled steps first (default 5)")
+    ap.add_argument("--blocks", type=int, default=3, help="timed blocks of --steps unprofiled steps; the median counts (default 3)")
     ap.add_argument("--top", type=int, default=15, help="operators to list (default 15)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="--KEY=VALUE",
                     help="a LightningCLI override, e.g. --set=--trainer.precision=32-true (repeatable)")
@@ -107,9 +108,13 @@ def main(argv=None):
     for _ in range(args.warmup): step()
     with FlopCounterMode(display=False) as counter: step()
     flop_per_step = counter.get_total_flops()
-    synchronize(); t0 = time.perf_counter()
-    for _ in range(args.steps): step()
-    synchronize(); unprofiled = (time.perf_counter() - t0) / args.steps
+    # the median of a few timed blocks: on a shared machine one block can land in a slow spell
+    blocks = []
+    for _ in range(args.blocks):
+        synchronize(); t0 = time.perf_counter()
+        for _ in range(args.steps): step()
+        synchronize(); blocks.append((time.perf_counter() - t0) / args.steps)
+    unprofiled = statistics.median(blocks)
     peaks = machine_peaks()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     synchronize(); t0 = time.perf_counter()
@@ -143,7 +148,8 @@ def main(argv=None):
                                        "share": e.self_cpu_time_total / 1e6 / elapsed} for e in ops],
               "self_seconds_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
               "roofline": {"peak_tflops": peaks, "flop_per_step": flop_per_step,
-                           "seconds_per_step_unprofiled": unprofiled, "achieved_tflops": achieved,
+                           "seconds_per_step_unprofiled": unprofiled, "seconds_per_step_unprofiled_blocks": blocks,
+                           "achieved_tflops": achieved,
                            "reference": "conv3x3_bf16" if low_precision else "conv3x3_fp32",
                            "fraction_of_reference": achieved / reference}}
     write_results(result, args.out)
