@@ -40,9 +40,10 @@ def checkpoint_facts(path):
     "What an export records of checkpoint `path`: its sha256, epoch and step, normalisation, test-time augmentation, network."
     ckpt = read_checkpoint(path)
     hp, data = ckpt["hyper_parameters"], ckpt["datamodule_hyper_parameters"]
-    net = hp.get("net")
+    net, tta, margin = hp.get("net"), hp.get("tta", "none"), hp.get("tta_margin")
+    if tta != "none" and margin is not None: tta += f" where the plain view's top-two probabilities differ by less than {margin}"
     return {"checkpoint": str(path), "sha256": sha256_file(path), "epoch": ckpt.get("epoch"),
-            "global_step": ckpt.get("global_step"), "normalize": data.get("normalize"), "tta": hp.get("tta", "none"),
+            "global_step": ckpt.get("global_step"), "normalize": data.get("normalize"), "tta": tta,
             "net": net.get("class_path") if isinstance(net, dict) else None}
 
 # %% ../nbs/05_onnx.ipynb #c011

@@ -116,17 +116,30 @@ def shift(x, dy, dx):
     h, w = x.shape[-2:]
     return xp[..., p - dy:p - dy + h, p - dx:p - dx + w]
 
-TTA = Literal["none", "flip", "flip+shift"]
+TTA = Literal["none", "flip", "flip+shift", "flip+diagonals"]
+
+def _all_views(net, x, tta):
+    mirrored = lambda v: (net(v) + net(v.flip(-1))) / 2
+    if tta == "flip": return mirrored(x)
+    if tta == "flip+shift": return 0.5 * mirrored(x) + 0.25 * (mirrored(shift(x, -1, -1)) + mirrored(shift(x, 1, 1)))
+    return sum(mirrored(shift(x, dy, dx)) for dy, dx in ((0, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))) / 5
 
 def tta_logits(net, # the network (any callable from a batch to logits)
                x, # a normalised batch N×3×H×W
                tta:TTA="none", # the test-time augmentation
+               margin:float|None=None, # augment only the images whose top-two class probabilities (plain view) differ by less
               ):
-    "Logits of `net` on `x`, averaged over the test-time augmentation `tta` with airbench's weights."
+    "Logits of `net` on `x`, averaged over the test-time augmentation `tta`; with `margin`, only for the images the plain view is unsure of."
     if tta == "none": return net(x)
-    mirrored = lambda v: (net(v) + net(v.flip(-1))) / 2
-    if tta == "flip": return mirrored(x)
-    return 0.5 * mirrored(x) + 0.25 * (mirrored(shift(x, -1, -1)) + mirrored(shift(x, 1, 1)))
+    if margin is None: return _all_views(net, x, tta)
+    plain = net(x)
+    top2 = plain.float().softmax(-1).topk(2, dim=-1).values
+    unsure = top2[:, 0] - top2[:, 1] < margin
+    if torch.compiler.is_exporting():  # a graph of fixed shape: every image takes the views, the sure keep plain logits
+        return torch.where(unsure[:, None], _all_views(net, x, tta), plain)
+    out = plain.clone()
+    if unsure.any(): out[unsure] = _all_views(net, x[unsure], tta).to(out.dtype)
+    return out
 
 # %% ../nbs/03_model.ipynb #c016
 Optimizer = Literal["adam", "sgd", "muon"]
@@ -170,6 +183,7 @@ class Classifier(L.LightningModule):
                  warmup:float=0.1, # fraction of the steps spent warming up (`warmup_linear`)
                  label_smoothing:float=0.0, # label smoothing of the training loss
                  tta:TTA="none", # test-time augmentation in validation, test and prediction
+                 tta_margin:float|None=None, # ...only for images whose plain view's top-two probabilities differ by less (None: all)
                  channels_last:bool=False, # channels-last memory format (faster convolutions on CPUs and GPUs)
                  compile:bool=False, # torch.compile the network for training (GPUs: faster steps after a slower first one)
                  lr_start:float=0.0, # `warmup_linear` starts at this fraction of `lr`...
@@ -249,7 +263,7 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx): self._evaluate(batch, "val")
     def test_step(self, batch, batch_idx): self._evaluate(batch, "test")
-    def predict_step(self, batch, batch_idx=0): return tta_logits(self, batch[0], self.hparams.tta)
+    def predict_step(self, batch, batch_idx=0): return tta_logits(self, batch[0], self.hparams.tta, self.hparams.tta_margin)
 
     def _evaluate(self, batch, stage):
         x, y = batch
