@@ -217,7 +217,9 @@ ORDER = [whole_commands, training, inference, load, loader, robustness]
 KINDS = {"whole processes": whole_commands, "cifarlab training": training, "CPU inference": inference,
          "cifarlab serve on loopback": load, "training-loader throughput": loader, "cifarlab robustness": robustness}
 SKIP = object()
-SKIPPED = {"training-step profile"}  # operator rankings (bench/profile_steps.py), read in the files themselves
+# operator rankings (bench/profile_steps.py) and a recipe's choice on the validation split (bench/tta_choice.py), not
+# results: read in the files themselves and in 04_experiments
+SKIPPED = {"training-step profile", "test-time augmentation on the validation split"}
 
 
 def kind(data):

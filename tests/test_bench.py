@@ -110,3 +110,25 @@ def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp
 def test_vs_seed_needs_the_seed_checkout(tmp_path):
     res = run([sys.executable, "bench/vs_seed.py", "--seed-repo", tmp_path, "--seed-python", sys.executable, "--out", tmp_path / "x.json"])
     assert res.returncode == 2 and "--seed-repo must name a checkout" in res.stderr
+
+
+def test_tta_choice_measures_every_setting_on_the_validation_split(tmp_path, tiny_ckpt):
+    "bench/tta_choice.py on a real (one-epoch) run: a row per setting, the unsure share growing with the margin."
+    out = tmp_path / "tta.json"
+    res = run([sys.executable, "bench/tta_choice.py", tiny_ckpt, "--views", "flip+diagonals", "--margins", "0.05", "0.3",
+               "--out", out], timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {(r["tta"], r["tta_margin"]): r for r in result["results"]}
+    assert list(rows) == [("none", None), ("flip", None), ("flip+shift", None), ("flip+diagonals", None),
+                          ("flip+diagonals", 0.05), ("flip+diagonals", 0.3)]
+    assert result["validation_images"] == 5000 and result["checkpoint_trained_with"] == {"tta": "none", "tta_margin": None}
+    low, high = rows[("flip+diagonals", 0.05)], rows[("flip+diagonals", 0.3)]
+    assert 0 < low["unsure_share"] < high["unsure_share"] <= 1
+    assert abs(high["passes_per_image"] - (1 + 10 * high["unsure_share"])) < 1e-9
+    assert all(0.3 < r["val_acc"] < 1 for r in rows.values())
+
+
+def test_tta_choice_refuses_what_is_not_a_checkpoint(tmp_path):
+    res = run([sys.executable, "bench/tta_choice.py", "configs/exp1.yaml", "--out", tmp_path / "x.json"])
+    assert res.returncode != 0 and "not a readable PyTorch checkpoint" in res.stderr and not (tmp_path / "x.json").exists()
