@@ -14,8 +14,8 @@ from importlib import metadata
 from fastcore.script import store_true
 
 # %% auto #0
-__all__ = ['REQUIRED_PACKAGES', 'package_versions', 'cpu_name', 'detect_accelerator', 'cpu_flags', 'training_precision',
-           'synchronize', 'matmul_check', 'env_report', 'format_env_report', 'env_command']
+__all__ = ['REQUIRED_PACKAGES', 'package_versions', 'cpu_name', 'detect_accelerator', 'cpu_flags', 'cpu_has_native_bf16',
+           'training_precision', 'synchronize', 'matmul_check', 'env_report', 'format_env_report', 'env_command']
 
 # %% ../nbs/00_env.ipynb #c006
 REQUIRED_PACKAGES = ("torch", "lightning", "torchmetrics", "onnx", "onnxruntime", "dvc",
@@ -61,14 +61,17 @@ def cpu_flags():
     "The CPU's feature flags as the OS reports them (Linux), else an empty set."
     return set((_cpuinfo("flags") or "").split())
 
+def cpu_has_native_bf16():
+    "Whether this x86 CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere PyTorch emulates bfloat16, far slower than float32."
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
 def training_precision(accelerator:dict|None=None, # from `detect_accelerator` (default: detect it now)
                       ):
     "The fastest Lightning precision that keeps float32 weights here: bf16 autocast where the hardware has bfloat16, else float32."
     import torch
     kind = (accelerator or detect_accelerator())["kind"]
     if kind == "cuda": return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    # x86 CPUs with native bfloat16 arithmetic (AVX-512 BF16, AMX); without it bf16 is emulated and slower than float32
-    if kind == "cpu" and {"avx512_bf16", "amx_bf16"} & cpu_flags(): return "bf16-mixed"
+    if kind == "cpu" and cpu_has_native_bf16(): return "bf16-mixed"
     return "32-true"
 
 # %% ../nbs/00_env.ipynb #c013

@@ -13,15 +13,16 @@ import torch.nn.functional as F
 import lightning as L
 import torchmetrics
 from lightning.pytorch.core.mixins import HyperparametersMixin
-# torch.optim.Muon's Newton–Schulz iteration and coefficients; Muon itself takes only 2-D parameters, not conv filters
-from torch.optim._muon import _zeropower_via_newtonschulz, DEFAULT_A, DEFAULT_B, DEFAULT_C
+# torch.optim.Muon's Newton–Schulz coefficients; Muon itself takes only 2-D parameters, not conv filters
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
 
 from .core import check_choice
+from .env import cpu_has_native_bf16
 
 
 # %% auto #0
 __all__ = ['Stem', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet',
-           'shift', 'tta_logits', 'MuonSGD', 'Classifier']
+           'shift', 'tta_logits', 'orthogonalise', 'MuonSGD', 'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
@@ -144,6 +145,21 @@ def tta_logits(net, # the network (any callable from a batch to logits)
 # %% ../nbs/03_model.ipynb #c016
 Optimizer = Literal["adam", "sgd", "muon"]
 
+def orthogonalise(g:torch.Tensor, # a matrix (a filter bank flattened to out-channels × rest)
+                  steps:int, # Newton–Schulz iterations
+                  dtype:torch.dtype, # the arithmetic: bfloat16 where it is native, else float32
+                 ) -> torch.Tensor:
+    "`g` with its singular values pushed towards 1 (roughly into 0.5–1.5) by Muon's quintic Newton–Schulz iteration, computed in `dtype`."
+    # torch.optim.Muon's own iteration always computes in bfloat16, which a CPU without AVX-512 BF16 or AMX emulates
+    # at a small fraction of float32's speed; hence this one, with the same coefficients and a choice of dtype
+    wide = g.size(0) <= g.size(1)
+    x = g.to(dtype) if wide else g.T.to(dtype)  # iterate on the smaller Gram matrix
+    x = x / x.norm().clamp_min(1e-7)  # Frobenius norm 1 bounds the spectral norm by 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=DEFAULT_B, alpha=DEFAULT_C), x, beta=DEFAULT_A)  # a·x + (b·gram + c·gram²)·x
+    return x if wide else x.T
+
 class MuonSGD(torch.optim.SGD):
     """SGD with Nesterov momentum, except in groups marked `muon=True`, which take Muon's step: Nesterov momentum
     (`muon_momentum`), the update orthogonalised by a Newton–Schulz iteration (a filter bank read as an
@@ -152,6 +168,11 @@ class MuonSGD(torch.optim.SGD):
     def __init__(self, params, ns_steps:int=3, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_steps = ns_steps  # airbench94_muon: 3 (torch.optim.Muon's default is 5)
+        self.cpu_bf16 = cpu_has_native_bf16()
+
+    def ns_dtype(self, device:torch.device) -> torch.dtype:
+        "The Newton–Schulz iteration's arithmetic on `device`: bfloat16 on GPUs and on CPUs that compute it natively, else float32."
+        return torch.bfloat16 if device.type != "cpu" or self.cpu_bf16 else torch.float32
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,7 +185,7 @@ class MuonSGD(torch.optim.SGD):
                 buf = self.state[p].setdefault("muon_buffer", torch.zeros_like(p.grad))
                 buf.mul_(m).add_(p.grad)
                 update = p.grad.add(buf, alpha=m).flatten(1)  # Nesterov
-                update = _zeropower_via_newtonschulz(update, (DEFAULT_A, DEFAULT_B, DEFAULT_C), self.ns_steps, 1e-7)
+                update = orthogonalise(update, self.ns_steps, self.ns_dtype(p.device))
                 p.mul_(len(p) ** 0.5 / p.norm())  # a BatchNorm follows: only the filters' direction matters
                 p.grad.copy_(update.view(p.grad.shape))
         super().step()  # Muon's groups have no momentum or decay of SGD's: there it is p -= lr × update
