@@ -192,9 +192,11 @@ def _zoom_blur_operator(stop):
 
 
 def _zoom_blur(x, c, rngs):
-    n = len(x)
-    flat = (x.astype(np.float32) / 255).transpose(1, 2, 0, 3).reshape(_S * _S, -1)
-    out = (_zoom_blur_operator(c) @ flat).reshape(_S, _S, n, 3).transpose(2, 0, 1, 3)
+    op = _zoom_blur_operator(c)
+    # one product per image: in one product over the batch, BLAS's blocking can round an image's pixels differently
+    # by where it sits in the batch (seen on an AVX2 CPU), and an image's corruption must not depend on its neighbours
+    flat = (x.astype(np.float32) / 255).reshape(len(x), _S * _S, 3)
+    out = np.stack([op @ image for image in flat]).reshape(x.shape)
     return np.clip(out, 0, 1) * 255
 
 
