@@ -59,6 +59,13 @@ def machine(m):
     return "; ".join([", ".join(parts)] + versions)
 
 
+def machine_label(m):
+    "A short name for a benchmark's machine, for a table whose rows come from several: CPU, bf16 support, precision."
+    flags = [name for flag, name in FLAGS.items() if flag in m.get("cpu_flags", [])]
+    label = (m.get("cpu") or "an unnamed CPU") + ", " + (" and ".join(flags) if flags else "no native bfloat16")
+    return label + (f", `{m['cifarlab_precision']}`" if m.get("cifarlab_precision") else "")
+
+
 def bench_usage(script):
     "The usage lines of a bench script's docstring (indented lines that start with `uv run`)."
     path = ROOT / "bench" / script
@@ -93,16 +100,20 @@ def where(files, commands):
 def whole_commands(files):
     "bench/vs_seed.py: whole processes, the seed's main.py and cifarlab train."
     rows, cmds, seed_row = [], [], None
+    # rows from machines of different kinds get a column naming theirs: a row's time means little without it
+    labels = {name: machine_label(d.get("machine", {})) for name, d in files}
+    per_row = len(set(labels.values())) > 1
     for name, d in files:
         cmds.append(command(d, "vs_seed.py"))
         s = d["summary"]
+        where_run = [labels[name]] if per_row else []
         if s.get("seed_exp1", {}).get("runs"):
             seed_row = ["the seed's `main.py` exp1", s["seed_exp1"]["runs"], acc_range(s["seed_exp1"]),
-                        secs(s["seed_exp1"]["wall_s_median"]), secs(s["seed_exp1"]["cpu_s_median"])]
+                        secs(s["seed_exp1"]["wall_s_median"]), secs(s["seed_exp1"]["cpu_s_median"])] + where_run
         c = s["cifarlab"]
         epochs = sorted({r["epochs"] for r in d["runs"]["cifarlab"]})
         rows.append([f"`cifarlab train -c {d['recipe']}`", runs(c["runs"], epochs),
-                     acc_range(c), secs(c["wall_s_median"]), secs(c["cpu_s_median"]), c["wall_s_median"]])
+                     acc_range(c), secs(c["wall_s_median"]), secs(c["cpu_s_median"])] + where_run + [c["wall_s_median"]])
     rows = ([seed_row] if seed_row else []) + [r[:-1] for r in sorted(rows, key=lambda r: r[-1])]
     ratios = [f"`{d['recipe']}` takes {d['ratio_wall_median']:.2f}× the seed's median wall time. " for _, d in files
               if d.get("ratio_wall_median") is not None]
@@ -112,8 +123,8 @@ def whole_commands(files):
             ("Each file's runs were made at a time of their own, and a shared machine's speed drifts from one to the "
              "next: rows from different files are not a side-by-side comparison. " if len(files) > 1 else "") +
             where(files, cmds),
-            table(["whole command", "runs", "test accuracy, mean (min–max)", "wall time, median", "CPU time, median"],
-                  rows))
+            table(["whole command", "runs", "test accuracy, mean (min–max)", "wall time, median", "CPU time, median"]
+                  + (["machine"] if per_row else []), rows))
 
 
 def training(files):
