@@ -45,11 +45,15 @@ def table(header, rows):
 FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX"}  # the flags that decide cifarlab's default precision
 
 
+def native_bf16(m):
+    "The names of the flags in a `machine` record that give its CPU native bfloat16."
+    return [name for flag, name in FLAGS.items() if flag in m.get("cpu_flags", [])]
+
+
 def machine(m):
     "One line naming a benchmark's machine from its `machine` record."
     cpu = m.get("cpu") or "an unnamed CPU"
-    flags = [name for flag, name in FLAGS.items() if flag in m.get("cpu_flags", [])]
-    if flags: cpu += " with " + " and ".join(flags)
+    if flags := native_bf16(m): cpu += " with " + " and ".join(flags)
     parts = [cpu]
     if n := m.get("logical_cpus") or m.get("cpus"): parts.append(f"{n} logical CPUs")
     elif n := m.get("torch_threads"): parts.append(f"{n} torch threads")
@@ -61,8 +65,7 @@ def machine(m):
 
 def machine_label(m):
     "A short name for a benchmark's machine, for a table whose rows come from several: CPU, bf16 support, precision."
-    flags = [name for flag, name in FLAGS.items() if flag in m.get("cpu_flags", [])]
-    label = (m.get("cpu") or "an unnamed CPU") + ", " + (" and ".join(flags) if flags else "no native bfloat16")
+    label = (m.get("cpu") or "an unnamed CPU") + ", " + (" and ".join(native_bf16(m)) or "no native bfloat16")
     return label + (f", `{m['cifarlab_precision']}`" if m.get("cifarlab_precision") else "")
 
 
