@@ -122,7 +122,7 @@ def test_tta_choice_measures_every_setting_on_the_validation_split(tmp_path, tin
     rows = {(r["tta"], r["tta_margin"]): r for r in result["results"]}
     assert list(rows) == [("none", None), ("flip", None), ("flip+shift", None), ("flip+diagonals", None),
                           ("flip+diagonals", 0.05), ("flip+diagonals", 0.3)]
-    assert result["validation_images"] == 5000 and result["checkpoint_trained_with"] == {"tta": "none", "tta_margin": None}
+    assert result["validation_images"] == 1000 and result["checkpoint_trained_with"] == {"tta": "none", "tta_margin": None}
     low, high = rows[("flip+diagonals", 0.05)], rows[("flip+diagonals", 0.3)]
     assert 0 < low["unsure_share"] < high["unsure_share"] <= 1
     assert abs(high["passes_per_image"] - (1 + 10 * high["unsure_share"])) < 1e-9

@@ -89,8 +89,8 @@ def test_ddp_two_cpu_processes(data_dir, tmp_path):
 def test_test_and_validate_commands(tiny_ckpt, data_dir, tmp_path, capsys):
     """`cifarlab test` and `cifarlab validate` on a checkpoint: Lightning's loops give the numbers our own predictions
     give. In process: the dispatcher the console script calls (the other tests here start the script itself)."""
-    common = ["-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000", f"--ckpt_path={tiny_ckpt}",
-              f"--trainer.default_root_dir={tmp_path}", *QUIET]
+    common = ["-c", "configs/exp1.yaml", f"--data.data_dir={data_dir}", "--data.subset=3000", "--data.val_size=1000",
+              f"--ckpt_path={tiny_ckpt}", f"--trainer.default_root_dir={tmp_path}", *QUIET]  # the run's own data
     shown = lambda metric, out: float(re.search(metric + r"\W+([0-9.]+)", out).group(1))
     assert main(["test", *common]) in (0, None)
     out = capsys.readouterr().out
@@ -98,7 +98,7 @@ def test_test_and_validate_commands(tiny_ckpt, data_dir, tmp_path, capsys):
     assert abs(shown("test_acc", out) - (probs[:3000].argmax(1) == labels[:3000]).mean()) < 1e-4, out
     assert main(["validate", *common]) in (0, None)
     out = capsys.readouterr().out
-    model, dm = load_run(tiny_ckpt, data_dir)  # its validation split: the run's subset is the first 3000 of the 5000
+    model, dm = load_run(tiny_ckpt, data_dir)  # its validation split: all 1000 (the run's subset of 3000 takes them all)
     with torch.no_grad(): batches = [(model.predict_step((x, y)).argmax(1), y) for x, y in dm.val_dataloader()]
     preds, labels = (torch.cat(t)[:3000] for t in zip(*batches))
     assert abs(shown("val_acc", out) - (preds == labels).float().mean().item()) < 1e-4, out
