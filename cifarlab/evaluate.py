@@ -62,10 +62,12 @@ def predict_logits(model, dm, limit=None,
     batches = {"test": dm.test_dataloader, "val": dm.val_dataloader}[split]()
     logits, labels = [], []
     for x, y in batches:
-        if limit is not None and sum(map(len, labels)) >= limit: break
+        wanted = len(y) if limit is None else limit - sum(map(len, labels))
+        if wanted <= 0: break
+        x, y = x[:wanted], y[:wanted]  # only the images asked for: with test-time augmentation each costs several passes
         logits.append(model.predict_step((x, y)).float()); labels.append(y)
     if not labels: return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, np.int64)  # a run without a validation split
-    return torch.cat(logits)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 def predict_test_split(checkpoint, data_dir=None, limit=None):
     "Softmax probabilities (N×10) and labels (N) of the checkpoint's model on the first `limit` test images (default: all)."
