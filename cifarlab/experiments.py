@@ -147,7 +147,8 @@ def run_recipe(config, *overrides, name=None, test=True, callbacks=()):
     synchronize(); train_s = time.perf_counter() - t_fit
     record = {"recipe": name or Path(config).stem, "config": str(config), "overrides": list(overrides),
               "epochs": trainer.current_epoch, "train_time_s": train_s,
-              "images_trained": trainer.global_step * dm.hparams.batch_size * trainer.world_size,
+              # batches, not optimizer steps: under gradient accumulation a step takes several batches
+              "images_trained": trainer.fit_loop.epoch_loop.batch_progress.total.completed * dm.hparams.batch_size * trainer.world_size,
               "val_acc": _metric(trainer, "val_acc"), "device": str(trainer.strategy.root_device),
               "precision": str(trainer.precision), "params": sum(p.numel() for p in model.parameters()),
               "log_dir": trainer.log_dir,
