@@ -22,7 +22,7 @@ from cifarlab.core import CifarlabError
 from cifarlab.env import cpu_flags, cpu_name, training_precision
 from cifarlab.evaluate import load_run, predict_logits
 from cifarlab.experiments import write_results
-from cifarlab.model import TTA
+from cifarlab.model import TTA, top2_gap
 
 
 def main(argv=None):
@@ -42,9 +42,7 @@ def main(argv=None):
     trained_with = {"tta": hp.tta, "tta_margin": hp.tta_margin}
     hp.tta, hp.tta_margin = "none", None
     with autocast: plain = torch.from_numpy(predict_logits(model, dm, split="val")[0])
-    # the rule tta_logits applies to `tta_margin`, here to report the unsure share
-    top2 = plain.softmax(-1).topk(2, dim=-1).values
-    gap = top2[:, 0] - top2[:, 1]
+    gap = top2_gap(plain)  # what tta_logits compares with `tta_margin`, here to report the unsure share
     passed = []  # images through the network in each call: passes an image are counted, not assumed
     model.net.register_forward_hook(lambda module, inputs, output: passed.append(len(inputs[0])))
     settings = [(t, None) for t in typing.get_args(TTA)] + [(t, m) for t in args.views for m in args.margins]

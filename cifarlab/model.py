@@ -22,7 +22,7 @@ from .env import cpu_has_native_bf16
 
 # %% auto #0
 __all__ = ['Stem', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet',
-           'shift', 'tta_logits', 'orthogonalise', 'MuonSGD', 'Classifier']
+           'shift', 'top2_gap', 'tta_logits', 'orthogonalise', 'MuonSGD', 'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
@@ -125,6 +125,11 @@ def _all_views(net, x, tta):
     if tta == "flip+shift": return 0.5 * mirrored(x) + 0.25 * (mirrored(shift(x, -1, -1)) + mirrored(shift(x, 1, 1)))
     return sum(mirrored(shift(x, dy, dx)) for dy, dx in ((0, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))) / 5
 
+def top2_gap(logits):
+    "Each row's highest class probability minus its second highest: how sure the view that gave `logits` is (0 to 1)."
+    top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
 def tta_logits(net, # the network (any callable from a batch to logits)
                x, # a normalised batch N×3×H×W
                tta:TTA="none", # the test-time augmentation
@@ -134,8 +139,7 @@ def tta_logits(net, # the network (any callable from a batch to logits)
     if tta == "none": return net(x)
     if margin is None: return _all_views(net, x, tta)
     plain = net(x)
-    top2 = plain.float().softmax(-1).topk(2, dim=-1).values
-    unsure = top2[:, 0] - top2[:, 1] < margin
+    unsure = top2_gap(plain) < margin
     if torch.compiler.is_exporting():  # a graph of fixed shape: every image takes the views, the sure keep plain logits
         return torch.where(unsure[:, None], _all_views(net, x, tta), plain)
     out = plain.clone()
