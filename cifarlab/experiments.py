@@ -67,6 +67,20 @@ class CifarCLI(LightningCLI):
                              trainer_defaults={"default_root_dir": "runs/default", "precision": training_precision()},
                              save_config_kwargs={"overwrite": True}, **kwargs)
 
+    def parse_arguments(self, parser, args):
+        # the command line as typed, read again below (a dict or Namespace of settings types none)
+        self._typed = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self):
+        # Lightning 2.6 lays a --ckpt_path checkpoint's model arguments over the whole command line: the checkpoint's
+        # tta would silently beat a typed --model.tta=flip. The checkpoint fills in; what was typed wins.
+        sub = self.config.get("subcommand")
+        typed = [a.split("=", 1)[0][2:] for a in self._typed if str(a).startswith("--model.")]
+        if not (sub and typed and self.config[sub].get("ckpt_path")): return
+        line = self.parser.parse_args(self._typed)
+        for key in typed: self.config[f"{sub}.{key}"] = line[f"{sub}.{key}"]
+
     def instantiate_trainer(self, **kwargs):
         trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
         validated = getattr(getattr(self.datamodule, "hparams", None), "val_size", 1) > 0  # else nothing to rank epochs by
