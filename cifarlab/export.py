@@ -22,7 +22,7 @@ from .data import CLASSES, normalization
 from .evaluate import load_run, predict_logits, read_checkpoint
 
 # %% auto #0
-__all__ = ['OPSET', 'ExportError', 'sha256_file', 'checkpoint_facts', 'Deployable', 'export_onnx', 'write_onnx',
+__all__ = ['OPSET', 'STACK_TRACE', 'ExportError', 'sha256_file', 'checkpoint_facts', 'Deployable', 'export_onnx', 'write_onnx',
            'export_checkpoint', 'ort_logits', 'verify', 'export_command', 'format_verify_report', 'verify_command']
 
 # %% ../nbs/05_onnx.ipynb #c008
@@ -66,6 +66,17 @@ class _DropTorchvisionNotes(logging.Filter):
 
 logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropTorchvisionNotes())
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # the exporter's note, on every node, of the Python lines that made it
+
+def _without_stack_traces(proto):
+    # the traces name the exporting machine's folders and the source's line numbers: without them the same network
+    # gives the same bytes from any checkout, and the file says nothing of where it was made
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return proto
+
 def export_onnx(model, path, mean, std, contract, opset=OPSET):
     "Write `model` with its normalisation and the contract's temperature to ONNX at `path` (atomically), `contract` in its metadata. Returns `contract`."
     write_contract(onnx.ModelProto(), contract)  # checked on an empty model first: the export itself takes seconds
@@ -76,7 +87,7 @@ def export_onnx(model, path, mean, std, contract, opset=OPSET):
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
                                     output_names=[OUTPUT], dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
                                     verbose=False)
-        proto = program.model_proto
+        proto = _without_stack_traces(program.model_proto)
         write_contract(proto, contract)
         proto.doc_string = "cifarlab CIFAR-10 classifier: uint8 RGB NCHW image -> logits; contract in metadata 'cifarlab'"
         onnx.checker.check_model(proto)
