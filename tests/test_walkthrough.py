@@ -69,8 +69,8 @@ def scratch(tmp_path_factory, data_dir):
     return repo
 
 
-# The four that train or export, about a minute each in quick mode (the "walkthrough" lines of a run's summary), against
-# 2 to 45 s for the others.
+# The four that train or export, about a minute each in quick mode (the "walkthrough" lines of a run's summary); each of
+# the others takes under half a minute.
 LONGEST = ["04_experiments.ipynb", "08_tune.ipynb", "05_onnx.ipynb", "10_trust.ipynb"]
 
 
