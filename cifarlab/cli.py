@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib
 import os
 import sys
@@ -14,7 +15,8 @@ import threading
 from .core import CifarlabError
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'TAKES_ARGV', 'command_parser', 'run_command', 'usage', 'main', 'console']
+__all__ = ['SUBCOMMANDS', 'TAKES_ARGV', 'M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'KEEP_MEMORY_VAR', 'STEPPING', 'command_parser',
+           'run_command', 'usage', 'main', 'keep_freed_memory', 'console']
 
 # %% ../nbs/07_cli.ipynb #c005
 SUBCOMMANDS = {
@@ -75,11 +77,30 @@ def main(argv=None):
         return 2
     return run_command(name, rest)
 
+# glibc's malloc serves a block above its mmap threshold (128 KiB, rising with use to at most 32 MiB) with a fresh
+# mmap and unmaps it when freed, and trims the heap's free top past a like threshold. A training step frees its
+# activation buffers and allocates them again, so at every step the kernel would map and zero gigabytes of pages
+# anew (bench/allocator.py counts them).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers, from glibc's malloc.h
+KEEP_MEMORY_VAR = "CIFARLAB_KEEP_FREED_MEMORY"
+# the commands that run torch batch after batch; the service (`serve`) keeps the C library's defaults
+STEPPING = {"fit", "train", "validate", "test", "evaluate", "export", "verify", "tune"}
+
+def keep_freed_memory():
+    """Have the C library's malloc keep what this process frees for its next allocations, rather than give it back to
+    the kernel: no mmap for large blocks, no trimming of the heap below 2 GiB of free space. Returns whether that took;
+    it does nothing where `CIFARLAB_KEEP_FREED_MEMORY=0` or the C library is not glibc (macOS, musl)."""
+    if os.environ.get(KEEP_MEMORY_VAR, "1") == "0": return False
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError): return False
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
 def console():
-    """Entry point of the `cifarlab` console script: `main`, then an exit that skips the interpreter's teardown.
-    Freeing the modules of torch and Lightning one by one takes 2-3 s after a command is done; what an exit must
-    still do is done first: other threads finished, the exit handlers run (log handlers, temporary folders), the
-    output flushed."""
+    """Entry point of the `cifarlab` console script: `main` (with the memory a command frees kept for reuse, for the
+    `STEPPING` commands), then an exit that skips the interpreter's teardown. Freeing the modules of torch and
+    Lightning one by one takes 2-3 s after a command is done; what an exit must still do is done first: other
+    threads finished, the exit handlers run (log handlers, temporary folders), the output flushed."""
+    if sys.argv[1:2] and sys.argv[1] in STEPPING: keep_freed_memory()
     try: status = main()
     except SystemExit as e: status = e.code  # --help and usage errors (argparse), Lightning's command line
     if isinstance(status, str): print(status, file=sys.stderr)  # as `sys.exit(message)` does
