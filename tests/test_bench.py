@@ -132,3 +132,21 @@ def test_tta_choice_measures_every_setting_on_the_validation_split(tmp_path, tin
 def test_tta_choice_refuses_what_is_not_a_checkpoint(tmp_path):
     res = run([sys.executable, "bench/tta_choice.py", "configs/exp1.yaml", "--out", tmp_path / "x.json"])
     assert res.returncode != 0 and "not a readable PyTorch checkpoint" in res.stderr and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_allocator_alternates_the_setting_and_the_model_is_the_same(tmp_path, data_dir):
+    "bench/allocator.py: the same tiny `cifarlab train` with freed memory kept and with glibc's defaults, one process each."
+    out = tmp_path / "alloc.json"
+    res = run([sys.executable, "bench/allocator.py", "--recipe", "configs/quick.yaml", "--runs", "1",
+               f"--data-dir={data_dir}", "--set=--data.subset=500", "--set=--trainer.enable_model_summary=false",
+               "--out", out])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    kept, default = r["runs"]["1"][0], r["runs"]["0"][0]
+    assert (kept["setting"], default["setting"]) == ("1", "0")
+    assert r["same_test_accuracy"] and kept["test_acc"] == default["test_acc"]  # the same model either way
+    for x in (kept, default): assert 0 < x["train_s"] < x["wall_s"] and x["cpu_s"] > 1 and x["peak_rss_mib"] > 100
+    assert kept["minor_faults"] < default["minor_faults"], (kept, default)  # the pages are reused, not mapped anew
+    assert abs(r["wall_ratio_on_off"] - kept["wall_s"] / default["wall_s"]) < 1e-12
+    assert str(tmp_path) not in json.dumps(r)  # no path of this machine in a file meant for the repo
