@@ -14,6 +14,9 @@ convolution (96 -> 96 channels, 16x16, batch 256, channels-last), measured here 
 recipe's floating-point operations per training step (PyTorch's FLOP counter over one step, forward and backward),
 so that achieved FLOP/s (those operations over the median unprofiled seconds per step of a few timed blocks) can
 be read as a fraction of what the same cores do on a plain convolution (model FLOPs utilisation).
+
+Like the `cifarlab` command's training, the process keeps the memory it frees for reuse (`keep_freed_memory`, 07_cli);
+`CIFARLAB_KEEP_FREED_MEMORY=0` profiles with the C library's defaults, and the machine's entry records which.
 """
 import argparse
 import itertools
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+from cifarlab.cli import KEEP_MEMORY_VAR, keep_freed_memory
 from cifarlab.env import cpu_flags, cpu_name, synchronize
 from cifarlab.experiments import recipe_objects, write_results
 
@@ -86,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if not Path(args.config).is_file(): ap.error(f"no recipe at {args.config}")
+    keeps_freed_memory = keep_freed_memory()  # as the `cifarlab` command's training does, so these are its steps
 
     trainer, model, dm = recipe_objects(args.config, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                                         "--trainer.enable_model_summary=false", *args.overrides,
@@ -134,13 +139,16 @@ def main(argv=None):
     low_precision = "bf16" in str(trainer.precision) or "16" in str(trainer.precision)
     reference = peaks["conv3x3_bf16" if low_precision else "conv3x3_fp32"]
     achieved = flop_per_step / unprofiled / 1e12
-    result = {"benchmark": "training-step profile", "command": "uv run python bench/profile_steps.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    setting = f"{KEEP_MEMORY_VAR}=0 " if os.environ.get(KEEP_MEMORY_VAR) == "0" else ""  # part of the command when given
+    result = {"benchmark": "training-step profile",
+              "command": setting + "uv run python bench/profile_steps.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "precision": str(trainer.precision),
               "machine": {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           # what decides the CPU's bfloat16 speed: native AVX-512 BF16 and AMX, or neither
                           "matrix_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
                                                                 "amx_tile", "amx_bf16", "amx_int8"}),
-                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                          "keeps_freed_memory": keeps_freed_memory},
               "steps": args.steps, "batch_size": dm.hparams.batch_size,
               "seconds_per_step": elapsed / args.steps, "images_per_s": args.steps * dm.hparams.batch_size / elapsed,
               "phase_seconds": phases,

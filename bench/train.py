@@ -56,6 +56,7 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from cifarlab.cli import keep_freed_memory
 from cifarlab.env import cpu_name, synchronize as sync
 from cifarlab.experiments import run_recipe, write_results
 
@@ -149,6 +150,7 @@ def machine():
 
 def main(argv=None):
     args = ARGS if argv is None else parse_args(argv)
+    keep_freed_memory()  # as the `cifarlab` command's training does, so the runs here are the runs users get
     configs = [args.config] + ([args.compare] if args.compare else [])
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning").setLevel(logging.ERROR)
