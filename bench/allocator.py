@@ -11,7 +11,6 @@ memory, not arithmetic. `--set` options (repeatable) go to every run: a few trai
 benchmark to minutes while timing the steps a full run repeats.
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vs_seed import REPO, cifarlab_command, machine, shown  # the whole-command harness's pieces
+from vs_seed import REPO, machine, shown, train_command, train_record  # the whole-command harness's pieces
 
 SETTING = "CIFARLAB_KEEP_FREED_MEMORY"
 
@@ -44,8 +43,7 @@ def parse_args(argv=None):
 def run(args, value, root, k):
     "One whole `cifarlab train` process with CIFARLAB_KEEP_FREED_MEMORY=`value`: its figures, from the kernel's rusage."
     run_dir = root / f"keep{value}-{k}"
-    cmd = [*cifarlab_command(), "train", "-c", args.recipe, f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
-           f"--data.data_dir={args.data_dir}", f"--trainer.default_root_dir={run_dir}", *args.overrides]
+    cmd = train_command(args, args.seed, run_dir)
     log = root / f"keep{value}-{k}.log"
     with open(log, "w") as out:
         t0 = time.perf_counter()
@@ -55,7 +53,7 @@ def run(args, value, root, k):
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output is in {log}:\n{log.read_text()[-2000:]}")
-    rec = json.loads(next(run_dir.rglob("train.json")).read_text())
+    rec = train_record(run_dir)
     return {"setting": value, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "kernel_cpu_s": usage.ru_stime, "minor_faults": usage.ru_minflt,
             "peak_rss_mib": usage.ru_maxrss / 1024, "test_acc": rec["test_acc"], "train_s": rec["train_time_s"],

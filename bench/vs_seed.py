@@ -108,12 +108,22 @@ def cifarlab_command():
     return [uv, "run", "--locked", "cifarlab"] if uv else [str(Path(sys.executable).parent / "cifarlab")]
 
 
+def train_command(args, seed, run_dir):
+    "`cifarlab train` of `args.recipe` at `seed` (with `args.overrides`), its run in `run_dir`, as a user types it."
+    return [*cifarlab_command(), "train", "-c", args.recipe, f"--seed_everything={seed}", f"--data.seed={seed}",
+            f"--data.data_dir={args.data_dir}", f"--trainer.default_root_dir={run_dir}", *args.overrides]
+
+
+def train_record(run_dir):
+    "The record (train.json) that a `cifarlab train` run left in `run_dir`."
+    return json.loads(next(run_dir.rglob("train.json")).read_text())
+
+
 def run_cifarlab(args, seed, root):
     run_dir = root / f"{Path(args.recipe).stem}-seed{seed}"
-    cmd = [*cifarlab_command(), "train", "-c", args.recipe, f"--seed_everything={seed}", f"--data.seed={seed}",
-           f"--data.data_dir={args.data_dir}", f"--trainer.default_root_dir={run_dir}", *args.overrides]
+    cmd = train_command(args, seed, run_dir)
     wall, cpu, _ = timed(cmd, REPO, root / f"cifarlab-seed{seed}.log")
-    rec = json.loads(next(run_dir.rglob("train.json")).read_text())
+    rec = train_record(run_dir)
     return {"seed": seed, "wall_s": wall, "cpu_s": cpu, "test_acc": rec["test_acc"], "val_acc": rec["val_acc"],
             "train_s": rec["train_time_s"], "epochs": rec["epochs"], "precision": rec["precision"],
             "command": " ".join(cmd[cmd.index("train") - 1:]).replace(str(run_dir), "RUN")}
