@@ -10,7 +10,9 @@ CPU (and on the GPU when there is one), grouped into data, forward/backward comp
 operators' self time summed by kind (convolution, matrix product, normalisation, activation, pooling, ...).
 
 The roofline: the machine's own float32 and bfloat16 throughput on a 2048x2048 matrix product and on a 3x3
-convolution (96 -> 96 channels, 16x16, batch 256, channels-last), measured here on the threads torch uses; and the
+convolution (96 -> 96 channels, 16x16, batch 256, channels-last), measured here on the threads torch uses (bfloat16
+only where the CPU has it natively or the recipe trains in it: elsewhere it is emulated, minutes slow, and no
+reference for a float32 recipe, so it is recorded as null with the reason); and the
 recipe's floating-point operations per training step (PyTorch's FLOP counter over one step, forward and backward),
 so that achieved FLOP/s (those operations over the median unprofiled seconds per step of a few timed blocks) can
 be read as a fraction of what the same cores do on a plain convolution (model FLOPs utilisation).
@@ -20,6 +22,7 @@ Like the `cifarlab` command's training, the process keeps the memory it frees fo
 """
 import argparse
 import itertools
+import os
 import re
 import statistics
 import sys
@@ -32,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab.cli import KEEP_MEMORY_VAR, keep_freed_memory
-from cifarlab.env import cpu_flags, cpu_name, synchronize
+from cifarlab.env import cpu_flags, cpu_has_native_bf16, cpu_name, synchronize
 from cifarlab.experiments import recipe_objects, write_results
 
 
@@ -61,8 +64,8 @@ def timed(fn, repeats=5, min_s=0.3):
     return statistics.median(out)
 
 
-def machine_peaks():
-    "TFLOP/s of this machine's cores on a matrix product and a convolution, float32 and bfloat16 (autocast)."
+def machine_peaks(bf16=True):
+    "TFLOP/s of this machine's cores on a matrix product and a convolution, float32 and (if `bf16`) bfloat16 autocast."
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     x = torch.randn(256, 96, 16, 16).to(memory_format=torch.channels_last)
     conv = torch.nn.Conv2d(96, 96, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
@@ -71,6 +74,7 @@ def machine_peaks():
     with torch.no_grad():
         peaks["matmul_fp32"] = 2 * 2048**3 / timed(lambda: a @ b) / 1e12
         peaks["conv3x3_fp32"] = conv_flop / timed(lambda: conv(x)) / 1e12
+        if not bf16: return peaks | {"matmul_bf16": None, "conv3x3_bf16": None}
         ab, bb = a.bfloat16(), b.bfloat16()
         peaks["matmul_bf16"] = 2 * 2048**3 / timed(lambda: ab @ bb) / 1e12
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -120,7 +124,9 @@ def main(argv=None):
         for _ in range(args.steps): step()
         synchronize(); blocks.append((time.perf_counter() - t0) / args.steps)
     unprofiled = statistics.median(blocks)
-    peaks = machine_peaks()
+    low_precision = "16" in str(trainer.precision)  # bf16-mixed, bf16-true, 16-mixed: the bfloat16 peak is the reference
+    measure_bf16 = low_precision or cpu_has_native_bf16()
+    peaks = machine_peaks(bf16=measure_bf16)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     synchronize(); t0 = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -136,7 +142,6 @@ def main(argv=None):
     for e in events:
         if e.key in phases or e.key.startswith("ProfilerStep"): continue
         by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
-    low_precision = "bf16" in str(trainer.precision) or "16" in str(trainer.precision)
     reference = peaks["conv3x3_bf16" if low_precision else "conv3x3_fp32"]
     achieved = flop_per_step / unprofiled / 1e12
     setting = f"{KEEP_MEMORY_VAR}=0 " if os.environ.get(KEEP_MEMORY_VAR) == "0" else ""  # part of the command when given
@@ -155,7 +160,10 @@ def main(argv=None):
               "top_ops_by_self_cpu": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count,
                                        "share": e.self_cpu_time_total / 1e6 / elapsed} for e in ops],
               "self_seconds_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-              "roofline": {"peak_tflops": peaks, "flop_per_step": flop_per_step,
+              "roofline": {"peak_tflops": peaks,
+                           **({} if measure_bf16 else {"bf16_peaks_skipped": "no native bfloat16 on this CPU (emulated "
+                                                       "there) and the recipe trains in float32"}),
+                           "flop_per_step": flop_per_step,
                            "seconds_per_step_unprofiled": unprofiled, "seconds_per_step_unprofiled_blocks": blocks,
                            "achieved_tflops": achieved,
                            "reference": "conv3x3_bf16" if low_precision else "conv3x3_fp32",
@@ -165,7 +173,7 @@ def main(argv=None):
     print(f"{elapsed / args.steps * 1000:.0f} ms per step, phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     print(f"roofline: {flop_per_step / 1e9:.1f} GFLOP a step in {unprofiled * 1000:.0f} ms: {achieved:.3f} TFLOP/s, "
           f"{100 * achieved / reference:.1f}% of the machine's {result['roofline']['reference']} "
-          f"({reference:.2f} TFLOP/s); peaks " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
+          f"({reference:.2f} TFLOP/s); peaks " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items() if v is not None))
     print(f"-> {args.out}")
     return 0
 

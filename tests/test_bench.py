@@ -150,3 +150,30 @@ def test_allocator_alternates_the_setting_and_the_model_is_the_same(tmp_path, da
     assert kept["minor_faults"] < default["minor_faults"], (kept, default)  # the pages are reused, not mapped anew
     assert abs(r["wall_ratio_on_off"] - kept["wall_s"] / default["wall_s"]) < 1e-12
     assert str(tmp_path) not in json.dumps(r)  # no path of this machine in a file meant for the repo
+
+
+@pytest.mark.slow
+def test_profile_steps_writes_the_roofline_and_the_memory_setting(tmp_path, data_dir):
+    "bench/profile_steps.py end to end on quick's recipe in float32, a few steps, with glibc's defaults as given."
+    from cifarlab.env import cpu_has_native_bf16
+    out = tmp_path / "profile.json"
+    args = ["configs/quick.yaml", "--steps", "2", "--warmup", "1", "--blocks", "1", "--top", "5",
+            f"--set=--data.data_dir={data_dir}", "--set=--data.subset=2000", "--set=--trainer.precision=32-true",
+            "--out", out]
+    res = run([sys.executable, "bench/profile_steps.py", *args], env=env_with_venv(CIFARLAB_KEEP_FREED_MEMORY="0"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    # the recorded command reproduces the run, the setting included; the machine entry says which it was
+    assert r["command"] == "CIFARLAB_KEEP_FREED_MEMORY=0 uv run python bench/profile_steps.py " + " ".join(map(str, args))
+    assert r["machine"]["keeps_freed_memory"] is False and r["precision"] == "32-true"
+    assert set(r["phase_seconds"]) == {"data (batch, augment, normalise)", "forward + loss", "backward", "optimiser"}
+    assert r["self_seconds_by_kind"]["convolution"] > 0 and len(r["top_ops_by_self_cpu"]) == 5
+    roof = r["roofline"]
+    assert roof["reference"] == "conv3x3_fp32" and roof["peak_tflops"]["conv3x3_fp32"] > 0
+    # forward and backward of 128 images through quick's network: tens of MFLOP an image, not a stray count
+    assert 20e6 < roof["flop_per_step"] / r["batch_size"] < 500e6
+    assert abs(roof["fraction_of_reference"] - roof["achieved_tflops"] / roof["peak_tflops"]["conv3x3_fp32"]) < 1e-9
+    assert 0.01 < roof["fraction_of_reference"] < 2
+    # bfloat16 peaks are measured only where the CPU has bfloat16 natively; elsewhere null, with the reason
+    if cpu_has_native_bf16(): assert roof["peak_tflops"]["conv3x3_bf16"] > 0
+    else: assert roof["peak_tflops"]["conv3x3_bf16"] is None and "native" in roof["bf16_peaks_skipped"]
