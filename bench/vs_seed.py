@@ -17,7 +17,8 @@ as SEED/data/cifar-10-batches-py, where the seed's code reads it. A faithful arc
 bytes from the official ones (not in content) fails torchvision's per-file md5 check, so the seed's process
 replaces that check after this harness has verified every batch's pixels and labels by their fingerprints.
 Experiment 1's settings are read from the seed's `main.py` itself. cifarlab's runs get `--seed_everything=S
---data.seed=S` for seeds 0..N-1 and their own run folder; their accuracy is read from the run's `train.json`.
+--data.seed=S` for seeds 0..N-1 (K..K+N-1 with `--first-seed K`, so that a slow machine can add seeds to an
+earlier file's in a later sitting) and their own run folder; their accuracy is read from the run's `train.json`.
 The seed's runs seed only their validation split (as its code does), so they vary in initialisation only.
 """
 import argparse
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="configs/quick.yaml", help="cifarlab recipe (default configs/quick.yaml)")
     ap.add_argument("--seeds", type=int, default=3, help="cifarlab runs, seeds 0..N-1 (default 3)")
+    ap.add_argument("--first-seed", type=int, default=0, metavar="K",
+                    help="start cifarlab's seeds at K (K..K+N-1), to add seeds to an earlier file's (default 0)")
     ap.add_argument("--seed-runs", type=int, default=2, help="runs of the seed's exp1 (default 2; 0: cifarlab alone)")
     ap.add_argument("--seed-repo", type=Path, help="checkout of the seed's repository (needed unless --seed-runs 0)")
     ap.add_argument("--seed-python", default=None, help="the Python that runs the seed's code")
@@ -179,7 +182,7 @@ def main(argv=None):
     runs = {"cifarlab": [], "seed_exp1": []}
     order = 0
     for k in range(max(args.seeds, args.seed_runs)):
-        jobs = [("cifarlab", k) for _ in [0] if k < args.seeds] + [("seed_exp1", k) for _ in [0] if k < args.seed_runs]
+        jobs = [("cifarlab", args.first_seed + k) for _ in [0] if k < args.seeds] + [("seed_exp1", k) for _ in [0] if k < args.seed_runs]
         for who, i in (jobs if k % 2 == 0 else jobs[::-1]):  # alternate who goes first
             r = run_cifarlab(args, i, root) if who == "cifarlab" else run_seed(args, i, root)
             r["order"] = order; order += 1
@@ -190,6 +193,7 @@ def main(argv=None):
               "recipe": args.recipe, "machine": machine(args.seed_python if args.seed_runs else None), "summary": summary, "runs": runs,
               "command": " ".join(["uv run python bench/vs_seed.py --recipe", args.recipe, "--seeds", str(args.seeds),
                                    "--seed-runs", str(args.seed_runs)]
+                                  + ([f"--first-seed {args.first_seed}"] if args.first_seed else [])
                                   + (["--seed-repo SEED --seed-python SEED_PYTHON"] if args.seed_runs else [])
                                   + [f"--set={o}" for o in args.overrides] + ["--out", shown(args.out)])}
     if args.seed_runs:

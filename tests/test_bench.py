@@ -88,7 +88,7 @@ def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp
     (seed_repo / "main.py").write_text(STAND_IN_MAIN)
     out = tmp_path / "vs.json"
     res = run([sys.executable, "bench/vs_seed.py", "--seed-repo", seed_repo, "--seed-python", sys.executable,
-               "--archive", archive, "--seeds", "1", "--seed-runs", "2", "--set=--data.subset=500",
+               "--archive", archive, "--seeds", "1", "--first-seed", "3", "--seed-runs", "2", "--set=--data.subset=500",
                "--set=--trainer.enable_model_summary=false", "--out", out])
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -96,6 +96,7 @@ def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp
     assert [x["order"] for x in r["runs"]["cifarlab"]] == [0] and [x["order"] for x in r["runs"]["seed_exp1"]] == [1, 2]
     assert [x["test_acc"] for x in r["runs"]["seed_exp1"]] == [0.1, 0.1]  # exp1's settings, on the real test batch
     c = r["runs"]["cifarlab"][0]
+    assert c["seed"] == 3 and "--seed_everything=3 --data.seed=3" in c["command"] and "--first-seed 3" in r["command"]
     assert 0 < c["train_s"] < c["wall_s"] and c["epochs"] == 1 and 0 <= c["test_acc"] <= 1 and c["cpu_s"] > 1
     assert abs(r["ratio_wall_median"] - r["summary"]["cifarlab"]["wall_s_median"] / r["summary"]["seed_exp1"]["wall_s_median"]) < 1e-12
     assert r["machine"]["cifarlab_precision"] == c["precision"] and r["machine"]["cpu_flags"]
