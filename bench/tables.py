@@ -100,16 +100,43 @@ def where(files, commands):
 
 # ---- one section per kind of benchmark: (title, the paragraph above its table(s), the table(s))
 
+# what tells two files of bench/vs_seed.py apart when they are parts of one measurement: the seeds each ran and
+# where each was written (`--first-seed` lets a slow machine add seeds to an earlier file's in a later sitting)
+SEED_PART = re.compile(r" --(?:seeds|first-seed|out) \S+")
+
+
+def gathered(files):
+    """`files` of bench/vs_seed.py as rows: one per file, but files of one command on one kind of machine that ran
+    cifarlab alone for different seeds are one row, their runs together and summarised anew. [(names, data)]"""
+    from vs_seed import summarise  # the harness's own summary, so a gathered row means what a file's does
+    groups = {}
+    for name, d in files:
+        alone = not d["runs"].get("seed_exp1")
+        key = (SEED_PART.sub("", d.get("command", "")), machine_label(d.get("machine", {}))) if alone else name
+        groups.setdefault(key, []).append((name, d))
+    rows = []
+    for parts in groups.values():
+        names = [n for n, _ in parts]
+        if len(parts) == 1: rows.append((names, parts[0][1])); continue
+        runs = sorted((r for _, d in parts for r in d["runs"]["cifarlab"]), key=lambda r: r["seed"])
+        if len({r["seed"] for r in runs}) < len(runs):
+            raise TablesError(f"{', '.join(names)} are one command's runs but repeat a seed; keep one file of each seed")
+        rows.append((names, {**parts[0][1], "runs": {"cifarlab": runs, "seed_exp1": []},
+                             "summary": {"cifarlab": summarise(runs)}}))
+    return rows
+
+
 def whole_commands(files):
     "bench/vs_seed.py: whole processes, the seed's main.py and cifarlab train."
-    rows, cmds, seed_row = [], [], None
+    rows, seed_row = [], None
+    cmds = [command(d, "vs_seed.py") for _, d in files]
     # rows from machines of different kinds get a column naming theirs: a row's time means little without it
     labels = {name: machine_label(d.get("machine", {})) for name, d in files}
     per_row = len(set(labels.values())) > 1
-    for name, d in files:
-        cmds.append(command(d, "vs_seed.py"))
+    gathered_rows = gathered(files)
+    for names, d in gathered_rows:
         s = d["summary"]
-        where_run = [labels[name]] if per_row else []
+        where_run = [labels[names[0]]] if per_row else []
         if s.get("seed_exp1", {}).get("runs"):
             seed_row = ["the seed's `main.py` exp1", s["seed_exp1"]["runs"], acc_range(s["seed_exp1"]),
                         secs(s["seed_exp1"]["wall_s_median"]), secs(s["seed_exp1"]["cpu_s_median"])] + where_run
@@ -120,12 +147,15 @@ def whole_commands(files):
     rows = ([seed_row] if seed_row else []) + [r[:-1] for r in sorted(rows, key=lambda r: r[-1])]
     ratios = [f"`{d['recipe']}` takes {d['ratio_wall_median']:.2f}× the seed's median wall time. " for _, d in files
               if d.get("ratio_wall_median") is not None]
+    together = [f"`{d['recipe']}`'s row ({labels[names[0]]}) gathers {' and '.join(f'`{n}`' for n in names)}: one "
+                "command run for different seeds at different times, so its median wall time spans those times. "
+                for names, d in gathered_rows if len(names) > 1]
     return ("Whole commands",
             "Each command timed from outside as a whole process (start-up, imports, data check, training, test), "
             "the seed's and cifarlab's alternated run by run. " + "".join(ratios) +
             ("Each file's runs were made at a time of their own, and a shared machine's speed drifts from one to the "
              "next: rows from different files are not a side-by-side comparison. " if len(files) > 1 else "") +
-            where(files, cmds),
+            "".join(together) + where(files, cmds),
             table(["whole command", "runs", "test accuracy, mean (min–max)", "wall time, median", "CPU time, median"]
                   + (["machine"] if per_row else []), rows))
 

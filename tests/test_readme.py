@@ -83,3 +83,26 @@ def test_measured_figures_only_in_the_results_block():
     unit = r"(?:%|ms|s|min|minutes|seconds|hours|MB|GB|MiB|GiB|images/s|requests/s|GFLOP/s)"
     figures = re.findall(rf"(?<![\w.])(?:\d+\.\d+\s?%|\d[\d,.]*\s?{unit.replace('%|', '')}(?![\w/]))", prose)
     assert not figures, figures
+
+
+def test_one_commands_files_for_other_seeds_are_one_row(tmp_path):
+    "Files of one vs_seed command on one kind of machine, run for different seeds (`--first-seed`), make one row."
+    opts = scratch(tmp_path)
+    first = tmp_path / "results" / "airbench94_muon_whole_command_avx2.json"
+    d = json.loads(first.read_text())
+    (run0,) = d["runs"]["cifarlab"]
+    later = {**run0, "seed": 5, "test_acc": run0["test_acc"] - 0.01, "wall_s": run0["wall_s"] + 100}
+    d["runs"]["cifarlab"] = [later]
+    d["command"] = d["command"].replace("--seeds 1", "--seeds 1 --first-seed 5").replace(first.name, "muon_seed5.json")
+    (tmp_path / "results" / "muon_seed5.json").write_text(json.dumps(d))
+    assert tables(*opts).returncode == 0
+    text = (tmp_path / "README.md").read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| `cifarlab train -c configs/airbench94_muon.yaml`")]
+    mean = (run0["test_acc"] + later["test_acc"]) / 2
+    assert len(rows) == 1 and f"| 2 (8 epochs) | {100 * mean:.2f}% " in rows[0], rows
+    assert f"{run0['wall_s'] + 50:,.1f} s" in rows[0]  # the median of the two runs' wall times
+    assert "gathers `airbench94_muon_whole_command_avx2.json` and `muon_seed5.json`" in text
+    # the same seed twice is a mistake, not more evidence
+    edit_json(tmp_path / "results" / "muon_seed5.json", lambda d: d["runs"]["cifarlab"][0].update(seed=run0["seed"]))
+    res = tables("--check", *opts)
+    assert res.returncode == 1 and "repeat a seed" in res.stderr
