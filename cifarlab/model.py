@@ -21,8 +21,8 @@ from .env import cpu_has_native_bf16
 
 
 # %% auto #0
-__all__ = ['Stem', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem', 'FastNet',
-           'shift', 'top2_gap', 'tta_logits', 'orthogonalise', 'MuonSGD', 'Classifier']
+__all__ = ['Stem', 'IdentityInit', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem',
+           'FastNet', 'shift', 'top2_gap', 'tta_logits', 'orthogonalise', 'MuonSGD', 'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
@@ -72,6 +72,7 @@ class WhiteningStem(nn.Module):
     def forward(self, x): return self.act(self.conv(x))
 
 Stem = Literal["conv", "whiten"]
+IdentityInit = Literal["second", "every"]
 
 class FastNet(HyperparametersMixin, nn.Module):
     "An airbench-shaped CNN: stem, three conv groups that halve the resolution, max-pool, scaled linear head."
@@ -82,10 +83,12 @@ class FastNet(HyperparametersMixin, nn.Module):
                  num_classes:int=10, # outputs of the head
                  head_scale:float=1 / 9, # the head's output is scaled by this (a lower effective learning rate)
                  bn_weights:bool=True, # train BatchNorm's scale; airbench keeps it at 1 and trains only the shift
+                 identity_init:IdentityInit="second", # which convolutions of each group start as identity maps: the second, or every one (airbench)
                 ):
         super().__init__()
         self.save_hyperparameters()
         check_choice("stem", stem, Stem)
+        check_choice("identity_init", identity_init, IdentityInit)
         if stem == "whiten" and stem_width != 24:
             raise ValueError(f"the whitening stem has 24 channels (2×2×3 patch directions and their negatives); stem_width={stem_width}")
         w1, w2, w3 = widths
@@ -96,8 +99,10 @@ class FastNet(HyperparametersMixin, nn.Module):
         self.head = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale
         for m in self.modules():
-            # identity-like start for the second conv of each group: the block begins close to its first half
-            if isinstance(m, ConvGroup): nn.init.dirac_(m[4].weight[:, :m[4].in_channels])
+            # identity-like starts: such a conv begins by passing its input's channels through unchanged
+            if isinstance(m, ConvGroup):
+                for conv in (m[0], m[4]) if identity_init == "every" else (m[4],):
+                    nn.init.dirac_(conv.weight[:conv.in_channels])  # its first in-channels filters; the rest stay random
             if isinstance(m, nn.BatchNorm2d): m.weight.requires_grad_(bn_weights)
 
     def init_from_data(self, images):
