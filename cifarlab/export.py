@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -139,7 +138,7 @@ def verify(model_path, ckpt=None, data_dir=None, limit=None, atol=1e-3, acc_tol=
     log(f"running {model_path} with ONNX Runtime on {len(x)} test images")
     t0 = time.perf_counter(); got = ort_logits(m.session, x); t_ort = time.perf_counter() - t0
     singles = np.concatenate([ort_logits(m.session, x[i:i + 1]) for i in range(min(4, len(x)))])
-    log(f"running the checkpoint with PyTorch on the same images")
+    log("running the checkpoint with PyTorch on the same images")
     t0 = time.perf_counter(); ref, y = predict_logits(model, dm, limit); t_torch = time.perf_counter() - t0
     t = c["calibration"]["temperature"]
     ref = ref / np.float32(t)  # the graph divides by the contract's temperature: the PyTorch side does it here
