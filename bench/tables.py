@@ -142,7 +142,9 @@ def whole_commands(files):
                         secs(s["seed_exp1"]["wall_s_median"]), secs(s["seed_exp1"]["cpu_s_median"])] + where_run
         c = s["cifarlab"]
         epochs = sorted({r["epochs"] for r in d["runs"]["cifarlab"]})
-        rows.append([f"`cifarlab train -c {d['recipe']}`", runs(c["runs"], epochs),
+        # a recipe run with overrides (`--set`) is not the recipe: its row says what else was given
+        flags = "".join(f" {o}" for o in d.get("overrides", []))
+        rows.append([f"`cifarlab train -c {d['recipe']}{flags}`", runs(c["runs"], epochs),
                      acc_range(c), secs(c["wall_s_median"]), secs(c["cpu_s_median"])] + where_run + [c["wall_s_median"]])
     rows = ([seed_row] if seed_row else []) + [r[:-1] for r in sorted(rows, key=lambda r: r[-1])]
     ratios = [f"`{d['recipe']}` takes {d['ratio_wall_median']:.2f}× the seed's median wall time. " for _, d in files

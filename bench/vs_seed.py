@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -190,12 +191,13 @@ def main(argv=None):
             print(f"{who:>9} {i}: test {r['test_acc']:.4f}  whole process {r['wall_s']:.1f} s  cpu {r['cpu_s']:.0f} s", flush=True)
     summary = {who: summarise(rs) for who, rs in runs.items() if rs}
     result = {"benchmark": "whole processes: the seed's main.py exp1 against cifarlab train, alternated",
-              "recipe": args.recipe, "machine": machine(args.seed_python if args.seed_runs else None), "summary": summary, "runs": runs,
+              "recipe": args.recipe, "overrides": args.overrides,
+              "machine": machine(args.seed_python if args.seed_runs else None), "summary": summary, "runs": runs,
               "command": " ".join(["uv run python bench/vs_seed.py --recipe", args.recipe, "--seeds", str(args.seeds),
                                    "--seed-runs", str(args.seed_runs)]
                                   + ([f"--first-seed {args.first_seed}"] if args.first_seed else [])
                                   + (["--seed-repo SEED --seed-python SEED_PYTHON"] if args.seed_runs else [])
-                                  + [f"--set={o}" for o in args.overrides] + ["--out", shown(args.out)])}
+                                  + [shlex.quote(f"--set={o}") for o in args.overrides] + ["--out", shown(args.out)])}
     if args.seed_runs:
         seed_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.seed_repo, capture_output=True, text=True).stdout.strip()
         result["seed"] = {"repository": "LAjoyan/ML-Framework-lab", "commit": seed_commit or None, "experiment": "exp1"}

@@ -97,6 +97,7 @@ def test_vs_seed_alternates_whole_processes_and_gives_the_seed_verified_data(tmp
     assert [x["test_acc"] for x in r["runs"]["seed_exp1"]] == [0.1, 0.1]  # exp1's settings, on the real test batch
     c = r["runs"]["cifarlab"][0]
     assert c["seed"] == 3 and "--seed_everything=3 --data.seed=3" in c["command"] and "--first-seed 3" in r["command"]
+    assert r["overrides"] == ["--data.subset=500", "--trainer.enable_model_summary=false"] and "--set=--data.subset=500" in r["command"]
     assert 0 < c["train_s"] < c["wall_s"] and c["epochs"] == 1 and 0 <= c["test_acc"] <= 1 and c["cpu_s"] > 1
     assert abs(r["ratio_wall_median"] - r["summary"]["cifarlab"]["wall_s_median"] / r["summary"]["seed_exp1"]["wall_s_median"]) < 1e-12
     assert r["machine"]["cifarlab_precision"] == c["precision"] and r["machine"]["cpu_flags"]

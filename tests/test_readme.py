@@ -108,3 +108,19 @@ def test_one_commands_files_for_other_seeds_are_one_row(tmp_path):
     edit_json(tmp_path / "results" / "muon_seed5.json", lambda d: d["runs"]["cifarlab"][0].update(seed=run0["seed"]))
     res = tables("--check", *opts)
     assert res.returncode == 1 and "repeat a seed" in res.stderr
+
+
+def test_a_recipe_run_with_overrides_has_a_row_of_its_own(tmp_path):
+    "A vs_seed file of a recipe with `--set` overrides is not the recipe's: its row names them, beside the plain row."
+    opts = scratch(tmp_path)
+    plain = tmp_path / "results" / "airbench94_whole_command_avx2.json"
+    d = json.loads(plain.read_text())
+    d["overrides"] = ["--model.net.init_args.identity_init=every"]
+    d["command"] = d["command"].replace(" --out", " --set=--model.net.init_args.identity_init=every --out").replace(plain.name, "every.json")
+    (tmp_path / "results" / "every.json").write_text(json.dumps(d))
+    assert tables(*opts).returncode == 0
+    lines = (tmp_path / "README.md").read_text().splitlines()
+    row = "| `cifarlab train -c configs/airbench94.yaml"
+    labels = sorted(l.split("|")[1].strip() for l in lines if l.startswith(row) and "no native bfloat16" in l)
+    assert labels == ["`cifarlab train -c configs/airbench94.yaml --model.net.init_args.identity_init=every`",
+                      "`cifarlab train -c configs/airbench94.yaml`"], labels
