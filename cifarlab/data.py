@@ -306,12 +306,14 @@ def normalization(mean, # per-channel mean on the 0–1 scale
 class TensorBatches:
     "Batches of (normalised float images, int64 labels) sliced from uint8 `images` and `labels` tensors."
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, drop_last=False, augment=(),
-                 crop_padding=4, pad_mode="reflect", seed=0, rank=0, world_size=1, epoch_fn=None):
+                 crop_padding=4, pad_mode="reflect", seed=0, rank=0, world_size=1, epoch_fn=None,
+                 brightness=0.0, contrast=0.0):
         self.images, self.labels, self.batch_size = images, labels.long(), batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.augment = [check_choice("augment", a, Augmentation) for a in augment]
         self.options = {"crop_padding": crop_padding, "pad_mode": pad_mode}
         self.rank, self.world_size, self.epoch_fn = rank, world_size, epoch_fn
+        self.brightness, self.contrast = brightness, contrast
         self.scale, self.shift = normalization(mean, std, images.device)
         # altflip's fixed coin per image (from the seed alone, so every DDP rank and a resumed run draw the same)
         self.coins = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5).to(images.device)
@@ -336,7 +338,14 @@ class TensorBatches:
         # augmentations move or overwrite whole pixels, so they run on the uint8 batch (¼ of float32's memory traffic)
         for name in AUGMENTATIONS:
             if name in self.augment: x = AUGMENTATIONS[name](x, generator, options or self.options)
-        return torch.addcmul(self.shift, x.float(), self.scale)
+        scale, shift = self.scale, self.shift
+        if self.brightness or self.contrast:
+            # colour jitter on the normalised image, (x + b) * c with b, c drawn per image, folded into the
+            # normalisation's multiply-add, so it costs no extra pass over the pixels
+            b, c = torch.rand(2, x.shape[0], 1, 1, 1, device=x.device, generator=generator) * 2 - 1
+            c = 1 + self.contrast * c
+            scale, shift = scale * c, (shift + self.brightness * b) * c
+        return torch.addcmul(shift, x.float(), scale)
 
     def __iter__(self):
         epoch = self.epoch_fn() if self.epoch_fn is not None else self._epoch
@@ -367,11 +376,15 @@ class CIFAR10DataModule(L.LightningDataModule):
                  subset:int|None=None, # keep the first N images of each split (quick trials and tests)
                  eval_batch_size:int|None=None, # batch size for validation and test (default: `batch_size`)
                  archive:str|None=None, # the archive to prepare from when `data_dir` is empty
+                 brightness:float=0.0, # colour jitter: each training image's normalised values shifted by a uniform draw in ±brightness...
+                 contrast:float=0.0, # ...then scaled by one in 1 ± contrast (0 and 0: no jitter)
                 ):
         super().__init__()
         for a in augment: check_choice("augment", a, Augmentation)
         check_choice("normalize", normalize, Normalization); check_choice("pad_mode", pad_mode, PadMode)
         if not 0 <= val_size < 50_000: raise ValueError(f"val_size must be in 0..49999, not {val_size}")
+        if not (0 <= brightness and 0 <= contrast < 1):
+            raise ValueError(f"brightness must be >= 0 and contrast in [0, 1), not {brightness} and {contrast}")
         self.save_hyperparameters()
         self.splits = None
 
@@ -405,7 +418,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                              crop_padding=hp.crop_padding, pad_mode=hp.pad_mode, seed=hp.seed,
                              rank=trainer.global_rank if train and trainer else 0,
                              world_size=trainer.world_size if train and trainer else 1,
-                             epoch_fn=(lambda: trainer.current_epoch) if trainer else None)
+                             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+                             brightness=hp.brightness if train else 0.0, contrast=hp.contrast if train else 0.0)
 
     def train_dataloader(self): return self._batches("train", train=True)
     def val_dataloader(self): return self._batches("val") if len(self.splits["val"][1]) else []

@@ -21,8 +21,9 @@ from .env import cpu_has_native_bf16
 
 
 # %% auto #0
-__all__ = ['Stem', 'IdentityInit', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn', 'ConvGroup', 'WhiteningStem',
-           'FastNet', 'shift', 'top2_gap', 'tta_logits', 'orthogonalise', 'MuonSGD', 'Classifier']
+__all__ = ['Activation', 'ACTIVATIONS', 'Stem', 'IdentityInit', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn',
+           'ConvGroup', 'WhiteningStem', 'FastNet', 'shift', 'top2_gap', 'tta_logits', 'orthogonalise', 'MuonSGD',
+           'Classifier']
 
 # %% ../nbs/03_model.ipynb #c005
 def conv_bn_relu_pool(c_in, c_out):
@@ -41,13 +42,17 @@ class SimpleCnn(HyperparametersMixin, nn.Module):
     def forward(self, x): return self.classifier(self.features(x))
 
 # %% ../nbs/03_model.ipynb #c008
+Activation = Literal["gelu", "silu"]
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
+
 class ConvGroup(nn.Sequential):
-    "conv → 2×2 max-pool → BN → GELU → conv → BN → GELU"
-    def __init__(self, c_in, c_out, bn_momentum=0.4):
+    "conv → 2×2 max-pool → BN → act → conv → BN → act (act: GELU, or SiLU)"
+    def __init__(self, c_in, c_out, bn_momentum=0.4, activation:Activation="gelu"):
+        act = ACTIVATIONS[activation]
         super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
-                         nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.GELU(),
+                         nn.BatchNorm2d(c_out, momentum=bn_momentum), act(),
                          nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.GELU())
+                         nn.BatchNorm2d(c_out, momentum=bn_momentum), act())
 
 class WhiteningStem(nn.Module):
     "A frozen 2×2 convolution that whitens image patches, then GELU; `init_from(images)` sets its filters."
@@ -84,17 +89,19 @@ class FastNet(HyperparametersMixin, nn.Module):
                  head_scale:float=1 / 9, # the head's output is scaled by this (a lower effective learning rate)
                  bn_weights:bool=True, # train BatchNorm's scale; airbench keeps it at 1 and trains only the shift
                  identity_init:IdentityInit="second", # which convolutions of each group start as identity maps: the second, or every one (airbench)
+                 activation:Activation="gelu", # the conv groups' activation: GELU (airbench), or SiLU (hiverge's speedrun)
                 ):
         super().__init__()
         self.save_hyperparameters()
         check_choice("stem", stem, Stem)
         check_choice("identity_init", identity_init, IdentityInit)
+        check_choice("activation", activation, Activation)
         if stem == "whiten" and stem_width != 24:
             raise ValueError(f"the whitening stem has 24 channels (2×2×3 patch directions and their negatives); stem_width={stem_width}")
         w1, w2, w3 = widths
         self.stem = WhiteningStem() if stem == "whiten" else nn.Sequential(
             nn.Conv2d(3, stem_width, 3, padding=1, bias=False), nn.BatchNorm2d(stem_width, momentum=0.4), nn.GELU())
-        self.groups = nn.Sequential(ConvGroup(stem_width, w1), ConvGroup(w1, w2), ConvGroup(w2, w3))
+        self.groups = nn.Sequential(*(ConvGroup(i, o, activation=activation) for i, o in ((stem_width, w1), (w1, w2), (w2, w3))))
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale
