@@ -14,8 +14,9 @@ from importlib import metadata
 from fastcore.script import store_true
 
 # %% auto #0
-__all__ = ['REQUIRED_PACKAGES', 'package_versions', 'cpu_name', 'detect_accelerator', 'cpu_flags', 'cpu_has_native_bf16',
-           'training_precision', 'synchronize', 'matmul_check', 'env_report', 'format_env_report', 'env_command']
+__all__ = ['REQUIRED_PACKAGES', 'package_versions', 'cpu_name', 'cpu_vendor', 'detect_accelerator', 'cpu_flags',
+           'cpu_has_native_bf16', 'cpu_prefers_bf16', 'training_precision', 'synchronize', 'matmul_check', 'env_report',
+           'format_env_report', 'env_command']
 
 # %% ../nbs/00_env.ipynb #c006
 REQUIRED_PACKAGES = ("torch", "lightning", "torchmetrics", "onnx", "onnxruntime", "dvc",
@@ -41,6 +42,10 @@ def cpu_name():
     "The CPU's model name, as the OS reports it."
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
+def cpu_vendor():
+    "The CPU's maker as the OS reports it (`GenuineIntel`, `AuthenticAMD`, ...), else an empty string."
+    return _cpuinfo("vendor_id") or ""
+
 # %% ../nbs/00_env.ipynb #c010
 def detect_accelerator():
     "Describe the best device PyTorch can use here: CUDA, then Apple MPS, then the CPU."
@@ -65,13 +70,18 @@ def cpu_has_native_bf16():
     "Whether this x86 CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); elsewhere PyTorch emulates bfloat16, far slower than float32."
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
+def cpu_prefers_bf16():
+    "Whether bfloat16 beats float32 on this x86 CPU: with AMX, or with AVX-512 BF16 on an AMD CPU (Intel's without AMX is slower)."
+    flags = cpu_flags()
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_vendor() == "AuthenticAMD")
+
 def training_precision(accelerator:dict|None=None, # from `detect_accelerator` (default: detect it now)
                       ):
-    "The fastest Lightning precision that keeps float32 weights here: bf16 autocast where the hardware has bfloat16, else float32."
+    "The fastest Lightning precision that keeps float32 weights here: bf16 autocast where bfloat16 is the faster arithmetic, else float32."
     import torch
     kind = (accelerator or detect_accelerator())["kind"]
     if kind == "cuda": return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if kind == "cpu" and cpu_has_native_bf16(): return "bf16-mixed"
+    if kind == "cpu" and cpu_prefers_bf16(): return "bf16-mixed"
     return "32-true"
 
 # %% ../nbs/00_env.ipynb #c013

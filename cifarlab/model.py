@@ -17,7 +17,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
 
 from .core import check_choice
-from .env import cpu_has_native_bf16
+from .env import cpu_prefers_bf16
 
 
 # %% auto #0
@@ -163,11 +163,12 @@ Optimizer = Literal["adam", "sgd", "muon"]
 
 def orthogonalise(g:torch.Tensor, # a matrix (a filter bank flattened to out-channels × rest)
                   steps:int, # Newton–Schulz iterations
-                  dtype:torch.dtype, # the arithmetic: bfloat16 where it is native, else float32
+                  dtype:torch.dtype, # the arithmetic: bfloat16 where it is the faster, else float32
                  ) -> torch.Tensor:
     "`g` with its singular values pushed towards 1 (roughly into 0.5–1.5) by Muon's quintic Newton–Schulz iteration, computed in `dtype`."
     # torch.optim.Muon's own iteration always computes in bfloat16, which a CPU without AVX-512 BF16 or AMX emulates
-    # at a small fraction of float32's speed; hence this one, with the same coefficients and a choice of dtype
+    # at a small fraction of float32's speed (and an Intel CPU without AMX computes slower than float32); hence this
+    # one, with the same coefficients and a choice of dtype
     wide = g.size(0) <= g.size(1)
     x = g.to(dtype) if wide else g.T.to(dtype)  # iterate on the smaller Gram matrix
     x = x / x.norm().clamp_min(1e-7)  # Frobenius norm 1 bounds the spectral norm by 1
@@ -184,10 +185,10 @@ class MuonSGD(torch.optim.SGD):
     def __init__(self, params, ns_steps:int=3, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_steps = ns_steps  # airbench94_muon: 3 (torch.optim.Muon's default is 5)
-        self.cpu_bf16 = cpu_has_native_bf16()
+        self.cpu_bf16 = cpu_prefers_bf16()
 
     def ns_dtype(self, device:torch.device) -> torch.dtype:
-        "The Newton–Schulz iteration's arithmetic on `device`: bfloat16 on GPUs and on CPUs that compute it natively, else float32."
+        "The Newton–Schulz iteration's arithmetic on `device`: bfloat16 on GPUs and on CPUs where it beats float32 (`cpu_prefers_bf16`), else float32."
         return torch.bfloat16 if device.type != "cpu" or self.cpu_bf16 else torch.float32
 
     @torch.no_grad()
