@@ -21,7 +21,7 @@ from .env import cpu_prefers_bf16
 
 
 # %% auto #0
-__all__ = ['Activation', 'ACTIVATIONS', 'Stem', 'IdentityInit', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn',
+__all__ = ['ACTIVATIONS', 'Activation', 'Stem', 'IdentityInit', 'TTA', 'Optimizer', 'Schedule', 'conv_bn_relu_pool', 'SimpleCnn',
            'ConvGroup', 'WhiteningStem', 'FastNet', 'shift', 'top2_gap', 'tta_logits', 'orthogonalise', 'MuonSGD',
            'Classifier']
 
@@ -42,8 +42,8 @@ class SimpleCnn(HyperparametersMixin, nn.Module):
     def forward(self, x): return self.classifier(self.features(x))
 
 # %% ../nbs/03_model.ipynb #c008
-Activation = Literal["gelu", "silu"]
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
+Activation = Literal[tuple(ACTIVATIONS)]
 
 class ConvGroup(nn.Sequential):
     "conv → 2×2 max-pool → BN → act → conv → BN → act (act: GELU, or SiLU)"
