@@ -170,6 +170,9 @@ def test_profile_steps_writes_the_roofline_and_the_memory_setting(tmp_path, data
     assert r["machine"]["keeps_freed_memory"] is False and r["precision"] == "32-true"
     assert set(r["phase_seconds"]) == {"data (batch, augment, normalise)", "forward + loss", "backward", "optimiser"}
     assert r["self_seconds_by_kind"]["convolution"] > 0 and len(r["top_ops_by_self_cpu"]) == 5
+    # the page faults a step, timed and profiled, are counts (from the kernel's accounting), not left out
+    assert set(r["minor_page_faults_per_step"]) == {"unprofiled", "profiled"}
+    assert all(v >= 0 for v in r["minor_page_faults_per_step"].values())
     roof = r["roofline"]
     assert roof["reference"] == "conv3x3_fp32" and roof["peak_tflops"]["conv3x3_fp32"] > 0
     # forward and backward of 128 images through quick's network: tens of MFLOP an image, not a stray count
