@@ -261,22 +261,22 @@ def robustness(files):
 
 def allocator(files):
     "bench/allocator.py: one cifarlab train command with freed memory kept for reuse and with glibc's defaults, alternated."
-    texts, tables = [], []
+    blocks = []  # each file's paragraph, then its table: the machine a table was measured on is named just above it
     for name, d in files:
-        texts.append(f"`cifarlab train -c {d['recipe']}{''.join(' ' + o for o in d['options'])}` as whole processes, "
-                     f"with the memory the process frees kept for reuse (`CIFARLAB_KEEP_FREED_MEMORY=1`, how the "
-                     f"`cifarlab` command trains) and with the C library's defaults (`=0`), alternated; medians of "
-                     f"{d['summary']['1']['runs']} runs each. Kept takes {d['wall_ratio_on_off']:.2f}× the defaults' wall "
-                     f"time; the test accuracy is {'the same' if d['same_test_accuracy'] else 'NOT the same'} both ways. "
-                     + where([(name, d)], [command(d, "allocator.py")]))
+        blocks.append(f"`cifarlab train -c {d['recipe']}{''.join(' ' + o for o in d['options'])}` as whole processes, "
+                      f"with the memory the process frees kept for reuse (`CIFARLAB_KEEP_FREED_MEMORY=1`, how the "
+                      f"`cifarlab` command trains) and with the C library's defaults (`=0`), alternated; medians of "
+                      f"{d['summary']['1']['runs']} runs each. Kept takes {d['wall_ratio_on_off']:.2f}× the defaults' wall "
+                      f"time; the test accuracy is {'the same' if d['same_test_accuracy'] else 'NOT the same'} both ways. "
+                      + where([(name, d)], [command(d, "allocator.py")]))
         rows = [[label, s["runs"], secs(s["wall_s_median"]), secs(s["train_s_median"]),
                  f"{secs(s['cpu_s_median'])} ({secs(s['kernel_cpu_s_median'])})", rate(s["minor_faults_median"]),
                  f"{s['peak_rss_mib_max']:,.0f} MiB", ", ".join(pct(a) for a in s["test_accs"])]
                 for label, s in (("kept for reuse (`=1`)", d["summary"]["1"]), ("the C library's defaults (`=0`)", d["summary"]["0"]))]
-        tables.append(table(["freed memory", "runs", "wall time, median", "training time, median",
+        blocks.append(table(["freed memory", "runs", "wall time, median", "training time, median",
                              "CPU time (in the kernel), median", "minor page faults, median", "peak memory",
                              "test accuracy"], rows))
-    return "Memory kept for reuse", " ".join(texts), "\n\n".join(tables)
+    return "Memory kept for reuse", blocks[0], "\n\n".join(blocks[1:])
 
 ORDER = [whole_commands, training, allocator, inference, load, loader, robustness]
 KINDS = {"whole processes": whole_commands, "cifarlab training": training, "CPU inference": inference,
