@@ -8,6 +8,9 @@ import sys
 
 from conftest import ROOT, run
 
+sys.path.insert(0, str(ROOT / "bench"))
+from tables import recipe_epochs  # noqa: E402  (bench/ is scripts, not a package)
+
 TABLES = ROOT / "bench" / "tables.py"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -114,6 +117,8 @@ def test_a_recipe_run_with_overrides_has_a_row_of_its_own(tmp_path):
     "A vs_seed file of a recipe with `--set` overrides is not the recipe's: its row names them, beside the plain row."
     opts = scratch(tmp_path)
     plain = tmp_path / "results" / "airbench94_whole_command_avx2.json"
+    # trained for the recipe's epochs of today, so that the overrides are all that tells the rows apart
+    edit_json(plain, lambda d: [r.update(epochs=recipe_epochs("configs/airbench94.yaml")) for r in d["runs"]["cifarlab"]])
     d = json.loads(plain.read_text())
     d["overrides"] = ["--model.net.init_args.identity_init=every"]
     d["command"] = d["command"].replace(" --out", " --set=--model.net.init_args.identity_init=every --out").replace(plain.name, "every.json")
@@ -124,3 +129,16 @@ def test_a_recipe_run_with_overrides_has_a_row_of_its_own(tmp_path):
     labels = sorted(l.split("|")[1].strip() for l in lines if l.startswith(row) and "no native bfloat16" in l)
     assert labels == ["`cifarlab train -c configs/airbench94.yaml --model.net.init_args.identity_init=every`",
                       "`cifarlab train -c configs/airbench94.yaml`"], labels
+
+
+def test_a_row_from_before_its_recipes_epochs_changed_names_the_count_it_trained(tmp_path):
+    "A vs_seed file whose runs trained another number of epochs than its recipe file gives today is reproduced with that count."
+    opts = scratch(tmp_path)
+    now = recipe_epochs("configs/airbench94.yaml")
+    edit_json(tmp_path / "results" / "airbench94_whole_command_avx2.json",
+              lambda d: [r.update(epochs=now + 1) for r in d["runs"]["cifarlab"]])
+    assert tables(*opts).returncode == 0
+    text = (tmp_path / "README.md").read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| `cifarlab train -c configs/airbench94.yaml") and "no native bfloat16" in l]
+    assert len(rows) == 1 and rows[0].startswith(f"| `cifarlab train -c configs/airbench94.yaml --trainer.max_epochs={now + 1}` | 1 ({now + 1} epochs)"), rows
+    assert f"--seeds 1 --seed-runs 0 --set=--trainer.max_epochs={now + 1} --out bench/results/airbench94_whole_command_avx2.json" in text
