@@ -151,12 +151,12 @@ def tta_logits(net, # the network (any callable from a batch to logits)
     if tta == "none": return net(x)
     if margin is None: return _all_views(net, x, tta)
     plain = net(x)
-    unsure = top2_gap(plain) < margin
-    if torch.compiler.is_exporting():  # a graph of fixed shape: every image takes the views, the sure keep plain logits
-        return torch.where(unsure[:, None], _all_views(net, x, tta), plain)
-    out = plain.clone()
-    if unsure.any(): out[unsure] = _all_views(net, x[unsure], tta).to(out.dtype)
-    return out
+    unsure = (top2_gap(plain) < margin).nonzero()[:, 0]  # the images to augment, by index
+    # exporting, their number is unknown: assuming some lets the trace through the convolutions, and the graph
+    # (ONNX's NonZero, Gather, ScatterND) runs on none as well
+    if torch.compiler.is_exporting(): torch._check(unsure.size(0) != 0)
+    elif not len(unsure): return plain
+    return plain.index_copy(0, unsure, _all_views(net, x.index_select(0, unsure), tta).to(plain.dtype))
 
 # %% ../nbs/03_model.ipynb #c016
 Optimizer = Literal["adam", "sgd", "muon"]
