@@ -421,7 +421,13 @@ class CIFAR10DataModule(L.LightningDataModule):
                              epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
                              brightness=hp.brightness if train else 0.0, contrast=hp.contrast if train else 0.0)
 
-    def train_dataloader(self): return self._batches("train", train=True)
+    def train_dataloader(self):
+        n, world = len(self.splits["train"][1]), self.trainer.world_size if self.trainer else 1
+        if n // world < self.hparams.batch_size:  # every step takes a whole batch: a smaller split would train nothing
+            raise DataError(f"the training split has {n:,} images{f' for {world} processes' if world > 1 else ''}, fewer than "
+                            f"one batch of {self.hparams.batch_size}, so not one step would train: raise data.subset, "
+                            "or lower data.batch_size")
+        return self._batches("train", train=True)
     def val_dataloader(self): return self._batches("val") if len(self.splits["val"][1]) else []
     def test_dataloader(self): return self._batches("test")
     def predict_dataloader(self): return self._batches("test")
