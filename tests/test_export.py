@@ -9,8 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 
-from conftest import BIN, run
+from conftest import BIN, ROOT, run
 from cifarlab.contract import open_model
 from cifarlab.data import CLASSES, load_meta, load_split
 from cifarlab.cli import main as cifarlab
@@ -131,18 +132,22 @@ def test_failed_export_leaves_the_previous_file(tiny_ckpt, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_recipe_exports_and_verifies(data_dir, tmp_path):
-    """configs/fast.yaml as the pipeline runs it (FastNet, whitening stem, the machine's precision, flip TTA), one short
-    epoch, then export + verify; 1,000 validation images for the export's calibration, not 5,000."""
-    res = run([BIN / "cifarlab", "fit", "-c", "configs/fast.yaml", f"--data.data_dir={data_dir}", "--data.subset=512",
-               "--data.val_size=1000", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
-               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], timeout=600)
+    """The recipe params.yaml gives the pipeline, as the pipeline runs it (its network, stem, TTA and the machine's
+    precision), two steps, then export + verify; 1,000 validation images for the export's calibration, not 5,000."""
+    recipe = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["config"]
+    spec = yaml.safe_load((ROOT / recipe).read_text())
+    res = run([BIN / "cifarlab", "fit", "-c", recipe, f"--data.data_dir={data_dir}",
+               f"--data.subset={2 * spec['data']['batch_size']}", "--data.val_size=1000", "--trainer.max_epochs=1",
+               f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false"], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt, model = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "model.onnx"
     # export and verify in this process (the same commands; the fit above is the whole-process run)
     assert cifarlab(["export", str(ckpt), "--output", str(model), "--data_dir", str(data_dir), "--limit", "500"]) == 0
     c = contract_of(model)
-    assert c["source"]["net"] == "cifarlab.model.FastNet" and c["test_time_augmentation"]["tta"] == "flip"
-    assert c["normalisation"]["setting"] == "dataset"
+    assert c["source"]["net"] == spec["model"]["net"]["class_path"]
+    assert c["test_time_augmentation"]["tta"].startswith(spec["model"]["tta"])
+    assert c["normalisation"]["setting"] == spec["data"]["normalize"]
     report = tmp_path / "verify.json"
     assert cifarlab(["verify", str(model), "--data_dir", str(data_dir), "--limit", "500", "--report", str(report)]) == 0
     r = json.loads(report.read_text())
