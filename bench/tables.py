@@ -268,7 +268,8 @@ def robustness(files):
     "bench/robustness.py: cifarlab robustness as a whole command, corrupted sets made and cached."
     texts, tables = [], []
     for name, d in files:
-        texts.append(f"`cifarlab robustness` on the pipeline's model: {d['images_per_cell']:,} test images under each of "
+        texts.append(f"`cifarlab robustness` on the ONNX model {d['model_sha256'][:12]} (mean accuracy under corruption "
+                     f"{pct(d['mean_corruption_accuracy'])}): {d['images_per_cell']:,} test images under each of "
                      f"the {d['cells']} corruption and severity cells, ONNX Runtime; the whole command, median of "
                      f"{d['summary']['cold']['runs']} runs each. " + where([(name, d)], [command(d, "robustness.py")]))
         tables.append(table(["corrupted sets", "wall time"],
