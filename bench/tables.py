@@ -11,6 +11,7 @@ benchmark cannot be left out silently. `--readme`, `--results` and `--reports` p
 """
 import argparse
 import difflib
+import functools
 import json
 import re
 import sys
@@ -100,6 +101,7 @@ def where(files, commands):
     return line + "Reproduce: " + "; ".join(made) + "."
 
 
+@functools.cache  # asked once for each file's command and again for its row
 def recipe_epochs(recipe):
     "The epochs the recipe file `recipe` (a path in the repository) trains for today; None where it does not say."
     path = ROOT / recipe
